@@ -1,0 +1,51 @@
+"""Where the base model comes from: the user's HF model directory, or the embedded default built locally."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from instune.errors import UserError
+
+
+def tokenizer_training_texts(per_domain: int = 400, seed: int = 1234) -> list[str]:
+    """Texts from every embedded domain, rendered as chat turns, for training the embedded tokenizer."""
+    from instune.default.corpus import DOMAINS
+
+    rng = random.Random(seed)
+    texts = []
+    for make in DOMAINS.values():
+        for _ in range(per_domain):
+            instruction, input_, output = make(rng)
+            texts.append(f"{instruction}\n{input_}\n{output}".strip())
+    return texts
+
+
+def check_model_dir(path: str, field: str = "model.path") -> Path:
+    """A local HF model directory (config.json plus weights), or a UserError naming the field."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{field}: {path} is not a directory (expected a Hugging Face model directory)")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{field}: {path} has no config.json, so it is not a Hugging Face model directory")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise UserError(f"{field}: {path} has no weights (*.safetensors or *.bin)")
+    return p.resolve()
+
+
+def resolve_base_model(model_config, output_dir: str | Path) -> tuple[str, str]:
+    """(model path, tokenizer path), building the embedded default under `output_dir/base_model` if unset."""
+    if model_config.path:
+        model = check_model_dir(model_config.path)
+        tokenizer = Path(model_config.tokenizer_path).expanduser() if model_config.tokenizer_path else model
+        if not tokenizer.is_dir():
+            raise UserError(f"model.tokenizer_path: {tokenizer} is not a directory")
+        return str(model), str(tokenizer.resolve())
+    from instune.default.model import ensure_embedded_model
+
+    e = model_config.embedded
+    directory = ensure_embedded_model(
+        Path(output_dir) / "base_model", tokenizer_training_texts(), vocab_size=e.vocab_size,
+        hidden_size=e.hidden_size, num_layers=e.num_layers, num_heads=e.num_heads,
+        intermediate_size=e.intermediate_size, max_position_embeddings=e.max_position_embeddings, seed=0)
+    return str(directory.resolve()), str(directory.resolve())

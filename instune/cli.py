@@ -1,0 +1,63 @@
+"""`instune SUBCOMMAND CONFIG [--set KEY=VALUE ...]`: one subcommand per stage, `run` for all of them.
+
+User mistakes (UserError) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from instune.errors import UserError
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="instune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [("prepare", "read, filter, mix, tokenize and pack the data"),
+                            ("train", "fine-tune on the prepared data with Ray Train"),
+                            ("eval", "evaluate a model on the configured eval sets"),
+                            ("run", "prepare, evaluate the base model, train, evaluate the tuned model")]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="experiment YAML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value by dotted path, e.g. --set train.lr=2e-4")
+        if name == "eval":
+            p.add_argument("--model", help="model directory to evaluate (default: the run's merged model)")
+    return parser.parse_args(argv)
+
+
+def dispatch(args) -> None:
+    from instune import stages
+    from instune.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "prepare":
+        stages.prepare_stage(config)
+    elif args.command == "train":
+        outputs = stages.train_stage(config)
+        print(f"adapter: {outputs.adapter_dir}\nmerged model: {outputs.merged_dir}")
+    elif args.command == "eval":
+        from instune.base_model import check_model_dir
+        from instune.eval.compare import before_after_table
+
+        model = args.model or str(stages.output_paths(config)["merged"])
+        check_model_dir(model, "--model")
+        results = stages.eval_stage(config, model, "eval")
+        print(before_after_table(results, []))
+    elif args.command == "run":
+        stages.run_all(config)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        dispatch(args)
+    except UserError as e:
+        print(f"instune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

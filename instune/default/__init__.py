@@ -1,0 +1,1 @@
+"""Embedded defaults: a small Llama model, its tokenizer and a generated corpus of verifiable tasks."""

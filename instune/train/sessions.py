@@ -1,0 +1,113 @@
+"""Where a worker's batches come from and where its reports go: Ray Train, or torchrun without Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+def to_tensors(batch: dict) -> dict:
+    return {k: torch.as_tensor(np.stack(batch[k]) if batch[k].dtype == object else batch[k], dtype=torch.long)
+            for k in COLUMNS}
+
+
+class RaySession:
+    """Inside a Ray Train worker: streaming dataset shards, ray.train.report and get_checkpoint."""
+
+    def __init__(self):
+        import ray.train
+
+        self._train = ray.train
+        context = ray.train.get_context()
+        self.world_rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+        self._shards = {}
+
+    def _shard(self, name: str):
+        if name not in self._shards:
+            try:
+                self._shards[name] = self._train.get_dataset_shard(name)
+            except (KeyError, ValueError):
+                self._shards[name] = None
+        return self._shards[name]
+
+    def has(self, name: str) -> bool:
+        return self._shard(name) is not None
+
+    def batches(self, name: str, batch_size: int, epoch: int):
+        for batch in self._shard(name).iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                    drop_last=(name == "train")):
+            yield to_tensors(batch)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+
+class FileSession:
+    """Under torchrun (or a single plain process): Parquet files split by rank, metrics as JSON lines.
+
+    Checkpoints go to `output_dir/checkpoints/step-N`, written to a temporary name and renamed.
+    """
+
+    def __init__(self, datasets: dict[str, list[str]], output_dir: str, seed: int = 0):
+        import torch.distributed as dist
+
+        self.world_rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.datasets, self.output_dir, self.seed = datasets, Path(output_dir), seed
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def has(self, name: str) -> bool:
+        return bool(self.datasets.get(name))
+
+    def batches(self, name: str, batch_size: int, epoch: int):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.datasets[name], columns=list(COLUMNS))
+        rows = np.arange(table.num_rows)
+        if name == "train":
+            np.random.default_rng(self.seed + epoch).shuffle(rows)
+        # Equal rows per rank, so every rank runs the same number of steps (collectives must match).
+        per_rank = len(rows) // self.world_size
+        mine = rows[self.world_rank * per_rank:(self.world_rank + 1) * per_rank]
+        full = len(mine) // batch_size * batch_size if name == "train" else len(mine)
+        for start in range(0, full, batch_size):
+            chunk = table.take(mine[start:start + batch_size]).to_pydict()
+            yield {k: torch.tensor(chunk[k], dtype=torch.long) for k in COLUMNS}
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        if self.world_rank != 0:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir is not None:
+            final = self.output_dir / "checkpoints" / f"step-{metrics['step']:08d}"
+            tmp = final.with_name(final.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            os.replace(tmp, final)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        done = sorted((self.output_dir / "checkpoints").glob("step-[0-9]*[0-9]"))
+        yield done[-1] if done else None

@@ -1,0 +1,1 @@
+"""How gradients are synchronised across workers: DDP (ddp.py) or DeepSpeed ZeRO (deepspeed.py)."""
