@@ -6,28 +6,34 @@ Each function is one stage, read top to bottom; `run_all` chains them. Output la
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import sys
 from pathlib import Path
 
 from instune.config import ExperimentConfig, write_resolved_config
 from instune.errors import UserError
 
 
-def start_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (a Ray job), or start a local one."""
+def start_ray(scaling=None) -> None:
+    """Join the cluster named by RAY_ADDRESS (a Ray job), or start a local one.
+
+    A local cluster gets at least one logical CPU more than the training workers reserve: otherwise, on a
+    2-core laptop, two 1-CPU workers leave Ray Data no CPU to read their shards with, and the run hangs.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # Workers import instune from the driver's checkout too, even when it is not installed there.
-    ray.init(runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}, log_to_driver=True,
-             include_dashboard=False if "RAY_ADDRESS" not in os.environ else None)
+    kwargs = {}
+    if "RAY_ADDRESS" not in os.environ:
+        needed = math.ceil(scaling.num_workers * scaling.cpus_per_worker) + 1 if scaling else 1
+        kwargs = {"num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
+    ray.init(log_to_driver=True, **kwargs)
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("INSTUNE_PROGRESS", "1") == "1"
+    # Bars redrawn into a log file are noise; our own one-line progress messages remain.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 def output_paths(config: ExperimentConfig) -> dict[str, Path]:
@@ -68,7 +74,7 @@ def prepare_stage(config: ExperimentConfig) -> dict:
     check_inputs(config)
     _, tokenizer_path = base_model(config)
     write_resolved_config(config, config.output_dir)
-    start_ray()
+    start_ray(config.scaling)
     manifest = prepare(config, tokenizer_path, output_paths(config)["data"])
     for name, c in manifest["sources"].items():
         print(f"[prepare] {name}: read {c['read']} kept {c['kept']} rejected {c['rejected']}")
@@ -90,7 +96,7 @@ def train_stage(config: ExperimentConfig):
     total_steps = steps_for(manifest["splits"]["train"]["rows"], s.num_workers, t.micro_batch_size,
                             t.grad_accum, t.epochs, t.max_steps)
     settings = loop_settings(config, model_path, total_steps)
-    start_ray()
+    start_ray(config.scaling)
     datasets = {"train": ray.data.read_parquet(str(paths["data"] / "train"))}
     if "validation" in manifest["splits"]:
         datasets["validation"] = ray.data.read_parquet(str(paths["data"] / "validation"))
