@@ -185,7 +185,8 @@ class NearDedupConfig(Strict):
 
     threshold: float = Field(0.8, gt=0, lt=1)
     num_perm: int = Field(128, ge=8)
-    # Word n-grams (not characters): templated tasks differing in one number stay distinct.
+    # Word n-grams (punctuation and operators count as words), not characters: templated tasks that
+    # differ in one number or operator stay distinct.
     ngram: int = Field(5, gt=0, le=64)
     seed: int = 0
 
@@ -281,6 +282,14 @@ class EvalConfig(Strict):
     max_examples: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(32, gt=0)
     batch_size: int = Field(16, gt=0)
+    # Greedy decoding unless do_sample; the sampling settings apply only then. Each batch reseeds from `seed`
+    # and its first example, so a rerun with the same batch size draws the same answers.
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    # Ray Data actors, each holding one copy of the model (one GPU each when scaling.use_gpu).
+    num_actors: int = Field(1, gt=0)
 
 
 # ---------------------------------------------------------------- experiment

@@ -74,8 +74,14 @@ def prepare_stage(config: ExperimentConfig) -> dict:
     check_inputs(config)
     _, tokenizer_path = base_model(config)
     write_resolved_config(config, config.output_dir)
+    eval_texts = []
+    if config.data.filters.decontaminate is not None:
+        from instune.eval.evaluate import split_prompt
+
+        eval_texts = ["\n".join(m["content"] for m in split_prompt(r["messages"])[0])
+                      for s in load_eval_sets(config) for r in s.records]
     start_ray(config.scaling)
-    manifest = prepare(config, tokenizer_path, output_paths(config)["data"])
+    manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts)
     for name, c in manifest["sources"].items():
         print(f"[prepare] {name}: read {c['read']} kept {c['kept']} rejected {c['rejected']}")
     return manifest

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instune.atomic import atomic_dir, write_json
+from instune.data.filters import build_checks
 from instune.data.schema import REJECT_COLUMNS
 from instune.errors import UserError
 
@@ -87,34 +88,89 @@ def check_accounting(read_counts: dict, kept: dict, rejected: dict) -> None:
         assert read == k + r, f"source {source}: read {read} != kept {k} + rejected {r}"
 
 
-def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path) -> dict:
-    """Phase 1: read everything, write kept rows to `filtered/` and rejects to `quarantine/`; return counts."""
-    import ray.data
+def parse_messages(batch):
+    """JSON-text messages (as staged) back to a list of {role, content} structs, for filters and dedup."""
+    import pyarrow as pa
 
-    rows = read_all(sources, data_config.max_record_bytes)
-    staging = out_dir / ".staging"
-    rows.write_parquet(str(staging))
-    annotated = ray.data.read_parquet(str(staging))
-    kept = annotated.filter(expr="kind == 'kept'")
-    rejected = annotated.filter(expr="kind == 'rejected'")
-    kept.select_columns(["id", "source", "domain", "messages", "metadata"]).write_parquet(str(out_dir / "filtered"))
-    rejected.select_columns(list(REJECT_COLUMNS)).write_parquet(str(out_dir / "quarantine"))
+    messages = pa.array([json.loads(m) for m in batch["messages"].to_pylist()],
+                        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
+    return batch.set_column(batch.schema.get_field_index("messages"), "messages", messages)
 
-    by_kind = count_by(annotated, ["source", "kind"])
-    by_stage = count_by(rejected, ["source", "stage", "reason"]) if any(k == "rejected" for _, k in by_kind) else {}
-    names = [s.name for s in sources]
-    read_counts = {n: sum(v for (s, _), v in by_kind.items() if s == n) for n in names}
-    kept_counts = {n: by_kind.get((n, "kept"), 0) for n in names}
-    rejected_counts = {n: by_kind.get((n, "rejected"), 0) for n in names}
-    check_accounting(read_counts, kept_counts, rejected_counts)
+
+# Order in which records can be rejected; the report lists stages in this order.
+STAGES = ("read", "normalise", "filter:length", "filter:quality", "filter:language", "filter:decontaminate",
+          "dedup:exact", "dedup:near")
+
+
+def stage_table(read_counts: dict, reject_counts: dict) -> dict:
+    """Per source, per stage: records in, rejected, out (each stage's out is the next one's in)."""
+    table = {}
+    for source, read in read_counts.items():
+        remaining, rows = read, []
+        for stage in STAGES:
+            rejected = sum(n for (s, st, _), n in reject_counts.items() if s == source and st == stage)
+            rows.append({"stage": stage, "in": remaining, "rejected": rejected, "out": remaining - rejected})
+            remaining -= rejected
+        table[source] = rows
+    return table
+
+
+def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, checks: list) -> dict:
+    """Phase 1: read, normalise, filter, dedup; kept rows to `filtered/`, every reject to `quarantine/`.
+
+    Returns per-source counts: read, kept, rejected, per-stage table and rejects by reason.
+    """
     import shutil
 
+    import ray.data
+
+    from instune.data.dedup.exact import exact_dedup
+    from instune.data.dedup.minhash import near_dedup
+    from instune.data.filters import filter_dataset
+
+    staging = out_dir / ".staging"
+    read_all(sources, data_config.max_record_bytes).write_parquet(str(staging))
+    annotated = ray.data.read_parquet(str(staging))
+    rejects = [annotated.filter(expr="kind == 'rejected'").select_columns(list(REJECT_COLUMNS))]
+    kept = (annotated.filter(expr="kind == 'kept'").select_columns(["id", "source", "domain", "messages", "metadata"])
+            .map_batches(parse_messages, batch_format="pyarrow"))
+    if checks:
+        print("[prepare] filtering", flush=True)
+        kept, rejected = filter_dataset(kept, checks)
+        rejects.append(rejected)
+    if data_config.dedup.exact:
+        print("[prepare] exact deduplication", flush=True)
+        kept, rejected = exact_dedup(kept)
+        rejects.append(rejected)
+    near = data_config.dedup.near
+    if near is not None:
+        print("[prepare] near-duplicate deduplication (MinHash LSH)", flush=True)
+        kept, rejected = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed)
+        rejects.append(rejected)
+    kept.write_parquet(str(out_dir / "filtered"))
+    rejects[0].union(*rejects[1:]).write_parquet(str(out_dir / "quarantine")) if len(rejects) > 1 \
+        else rejects[0].write_parquet(str(out_dir / "quarantine"))
+
+    names = [s.name for s in sources]
+    read_counts = {n: 0 for n in names}
+    for (source,), n in count_by(annotated, ["source"]).items():
+        read_counts[source] = n
+    filtered = ray.data.read_parquet(str(out_dir / "filtered"))
+    kept_counts = {n: 0 for n in names}
+    if filtered.count():
+        for (source,), n in count_by(filtered, ["source"]).items():
+            kept_counts[source] = n
+    quarantine = ray.data.read_parquet(str(out_dir / "quarantine"))
+    reject_counts = count_by(quarantine, ["source", "stage", "reason"]) if quarantine.count() else {}
+    rejected_counts = {n: sum(v for (s, _, _), v in reject_counts.items() if s == n) for n in names}
+    check_accounting(read_counts, kept_counts, rejected_counts)
     shutil.rmtree(staging, ignore_errors=True)
-    rejects_by_reason: dict = {}
-    for (source, stage, reason), n in sorted(by_stage.items()):
-        rejects_by_reason.setdefault(source, []).append({"stage": stage, "reason": reason, "count": n})
+    stages = stage_table(read_counts, reject_counts)
+    by_reason: dict = {}
+    for (source, stage, reason), n in sorted(reject_counts.items(), key=lambda kv: -kv[1]):
+        by_reason.setdefault(source, []).append({"stage": stage, "reason": reason, "count": n})
     return {n: {"read": read_counts[n], "kept": kept_counts[n], "rejected": rejected_counts[n],
-                "rejects": rejects_by_reason.get(n, [])} for n in names}
+                "stages": stages[n], "rejects": by_reason.get(n, [])} for n in names}
 
 
 def unit_hash(seed: int, key: str) -> float:
@@ -156,7 +212,7 @@ class TokenizeAndPack:
         from instune.data.pack import pack, pad_one
         from instune.data.tokenize import Tokenized, tokenize_batch
 
-        conversations = [json.loads(m) for m in batch["messages"]]
+        conversations = batch["messages"].to_pylist()
         results = tokenize_batch(conversations, self.tokenizer, self.seq_len, self.truncation)
         examples = [(t.input_ids, t.labels) for t in results if isinstance(t, Tokenized)]
         pad_id = self.tokenizer.pad_token_id
@@ -184,10 +240,22 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
     mixed = mixed.random_shuffle(seed=seed)
     tokenize = dict(fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len,
                                            "truncation": truncation, "pack": pack},
-                    batch_size=1024, concurrency=concurrency)
+                    batch_size=1024, concurrency=concurrency, batch_format="pyarrow")
     train = mixed.map_batches(TokenizeAndPack, **tokenize)
     val = validation.map_batches(TokenizeAndPack, **tokenize) if validation_fraction else None
     return train, val, copies
+
+
+def token_counter(tokenizer_path: str, filters):
+    """A token-counting function for the length filter, only when a token bound is set."""
+    length = filters.length
+    if length is None or all(getattr(length, f) is None for f in
+                             ("min_turn_tokens", "max_turn_tokens", "min_tokens", "max_tokens")):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def file_digest(path: Path) -> str:
@@ -198,7 +266,7 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(config, tokenizer_path: str, data_dir: Path) -> dict:
+def prepare(config, tokenizer_path: str, data_dir: Path, eval_texts: list[str] = ()) -> dict:
     """Run both phases into `data_dir` (written whole, then renamed); return the manifest."""
     import ray.data
 
@@ -208,7 +276,8 @@ def prepare(config, tokenizer_path: str, data_dir: Path) -> dict:
     with atomic_dir(data_dir) as tmp:
         print(f"[prepare] reading {sum(len(s.files) for s in sources)} files from {len(sources)} sources",
               flush=True)
-        counts = filter_and_split(sources, d, tmp)
+        checks = build_checks(d.filters, token_counter(tokenizer_path, d.filters), eval_texts)
+        counts = filter_and_split(sources, d, tmp, checks)
         kept = {s: c["kept"] for s, c in counts.items()}
         weights = {s.name: s.weight for s in d.sources}
         train, val, copies = mix_tokenize_pack(

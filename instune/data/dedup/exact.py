@@ -1,0 +1,123 @@
+"""Exact deduplication: records whose normalised text (lower-cased, whitespace collapsed) is identical.
+
+The first record in id order is kept. Ids are compared in natural order ("line 9" before "line 10"),
+and the Ray version is global: every record's (text hash, order key) pair is grouped across all blocks
+with a hash aggregation, and only the (small) table of duplicated hashes comes back to the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data.aggregate import Count, Min
+
+from instune.data.filters import mark_table, reject_for_record, split_marked
+from instune.data.schema import record_text
+
+STAGE = "dedup:exact"
+HASH_COLUMN = "_text_hash"
+ORDER_COLUMN = "_order"
+_DIGITS = re.compile(r"\d+")
+_ORDER_SEPARATOR = "\x1f"
+
+
+def normalise_text(text: str) -> str:
+    """Lower-cased, with every run of whitespace collapsed to one space."""
+    return " ".join(text.lower().split())
+
+
+def text_hash(record: dict) -> int:
+    """A signed 64-bit hash of the record's normalised text (stable across processes)."""
+    digest = hashlib.blake2b(normalise_text(record_text(record)).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def order_key(record_id: str) -> str:
+    """A string that sorts ids in natural order (digit runs zero-padded) and ends with the id itself."""
+    padded = _DIGITS.sub(lambda m: m.group().zfill(12), record_id)
+    return f"{padded}{_ORDER_SEPARATOR}{record_id}"
+
+
+def id_of(key: str) -> str:
+    """The record id inside an `order_key`."""
+    return key.rpartition(_ORDER_SEPARATOR)[2]
+
+
+def collect(ds: ray.data.Dataset) -> pa.Table | None:
+    """The whole (small) dataset as one Arrow table in the driver, or None when it has no rows."""
+    tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    return pa.concat_tables(tables) if tables else None
+
+
+def exact_dedup_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept records in input order, reject rows) for a plain list."""
+    first_of: dict[int, str] = {}
+    for record in sorted(records, key=lambda r: order_key(r["id"])):
+        first_of.setdefault(text_hash(record), record["id"])
+    kept, rejects = [], []
+    for record in records:
+        first = first_of[text_hash(record)]
+        if first == record["id"]:
+            kept.append(record)
+        else:
+            rejects.append(reject_for_record(record, STAGE, f"exact duplicate of {first}"))
+    return kept, rejects
+
+
+def _add_keys(batch: pa.Table) -> pa.Table:
+    rows = batch.to_pylist()
+    batch = batch.append_column(HASH_COLUMN, pa.array([text_hash(r) for r in rows], pa.int64()))
+    return batch.append_column(ORDER_COLUMN, pa.array([order_key(r["id"]) for r in rows], pa.string()))
+
+
+def _duplicated(groups: pa.Table) -> pa.Table:
+    return groups.filter(pc.greater(groups["copies"], 1))
+
+
+def _mark_duplicates(batch: pa.Table, hashes: np.ndarray, firsts: np.ndarray) -> pa.Table:
+    own_hash = batch[HASH_COLUMN].to_numpy()
+    own_order = np.asarray(batch[ORDER_COLUMN].to_pylist(), dtype=object)
+    slot = np.clip(np.searchsorted(hashes, own_hash), 0, max(len(hashes) - 1, 0))
+    duplicated = (hashes[slot] == own_hash) if len(hashes) else np.zeros(len(own_hash), bool)
+    failures = [
+        (STAGE, f"exact duplicate of {id_of(firsts[s])}") if dup and firsts[s] != order else None
+        for dup, s, order in zip(duplicated, slot, own_order)
+    ]
+    return mark_table(batch, failures)
+
+
+def exact_dedup(ds: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(kept records, reject rows): one record per normalised text across the whole dataset.
+
+    The keyed records are materialized once; both outputs are lazy views over them.
+    """
+    keyed = ds.map_batches(_add_keys, batch_format="pyarrow").materialize()
+    groups = (
+        keyed.select_columns([HASH_COLUMN, ORDER_COLUMN])
+        # Shuffle partitions follow the input's blocks rather than Ray's fixed default of 200.
+        .groupby(HASH_COLUMN, num_partitions=max(1, keyed.num_blocks()))
+        .aggregate(Count(alias_name="copies"), Min(ORDER_COLUMN, alias_name="first"))
+        .map_batches(_duplicated, batch_format="pyarrow")
+    )
+    duplicated = collect(groups)
+    if duplicated is None:
+        hashes, firsts = np.zeros(0, np.int64), np.zeros(0, object)
+    else:
+        order = np.argsort(duplicated[HASH_COLUMN].to_numpy())
+        hashes = duplicated[HASH_COLUMN].to_numpy()[order]
+        firsts = np.asarray(duplicated["first"].to_pylist(), dtype=object)[order]
+    # fn_kwargs travel inside the operator's map transformer, which Ray puts in the object store once.
+    marked = keyed.map_batches(
+        _mark_duplicates,
+        fn_kwargs={"hashes": hashes, "firsts": firsts},
+        batch_format="pyarrow",
+    )
+    return split_marked(marked, drop=[HASH_COLUMN, ORDER_COLUMN])
+
+
+__all__ = ["exact_dedup", "exact_dedup_records", "normalise_text", "order_key", "text_hash"]

@@ -1,0 +1,283 @@
+"""Near-duplicate removal with MinHash LSH (Broder 1997; banding as in "Mining of Massive Datasets", ch. 3).
+
+Shingles are word n-grams of the record text (lower-cased words, each punctuation mark or operator a token
+of its own, default n=5), not characters: templated tasks that differ in one number, word or operator
+("Convert 5 km to miles" / "Convert 7 km to miles", "18 + 0" / "18 - 0") then share no shingle and stay
+distinct, while near copies of long answers collide. A text shorter than n tokens is one shingle.
+
+Candidates come from LSH buckets (records sharing all `rows` values of a band); each candidate edge is
+verified with the Jaccard similarity estimated from the two signatures, so bucket collisions below the
+threshold never remove a record. Connected components of verified edges are clusters; the smallest id
+(natural order) of each cluster is kept. Candidate edges join each bucket member to the bucket's smallest
+member (a star), so the work is linear in bucket sizes, never all pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data.aggregate import Count, Min
+
+from instune.data.dedup.exact import ORDER_COLUMN, collect, id_of, order_key
+from instune.data.filters import mark_table, reject_for_record, split_marked
+from instune.data.filters.decontaminate import mix64, ngram_hashes
+from instune.data.schema import record_text
+
+STAGE = "dedup:near"
+SIGNATURE_COLUMN = "_minhash"
+BAND_COLUMN = "band_key"
+EMPTY = np.uint32(0xFFFFFFFF)  # the signature value of a text without words
+_CHUNK_SHINGLES = 1 << 13  # shingles hashed at once: 8k x num_perm x 8 bytes (8 MB at 128) stays in cache
+_BAND_MULTIPLIERS = np.random.default_rng(97).integers(1, 2**63, size=4096, dtype=np.uint64) * 2 + 1
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def shingle_tokens(text: str) -> list[str]:
+    """Lower-cased words, and every other non-space character as a token of its own ("+", "-", "{")."""
+    return _TOKEN.findall(text.lower())
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-permutation (odd multiplier, offset) of the multiply-add-shift hash family."""
+    rng = np.random.default_rng(seed)
+    multipliers = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    offsets = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    return multipliers, offsets
+
+
+def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, seed: int = 0) -> np.ndarray:
+    """uint32 array (len(texts), num_perm): per permutation, the minimum hash over each text's word shingles."""
+    multipliers, offsets = _permutations(num_perm, seed)
+    per_text = [ngram_hashes(shingle_tokens(text), ngram) for text in texts]
+    counts = np.array([len(h) for h in per_text], dtype=np.int64)
+    signatures = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    if not counts.sum():
+        return signatures
+    shingles = np.concatenate(per_text)
+    owner = np.repeat(np.arange(len(texts)), counts)
+    for start in range(0, len(shingles), _CHUNK_SHINGLES):
+        chunk, chunk_owner = shingles[start : start + _CHUNK_SHINGLES], owner[start : start + _CHUNK_SHINGLES]
+        # (a*x + b) mod 2^64, top 32 bits: a cheap, well-mixed permutation of the 64-bit shingle hashes.
+        # Laid out (num_perm, shingles) so the per-text minimum runs along contiguous memory.
+        hashed = np.multiply(multipliers[:, None], chunk[None, :])
+        hashed += offsets[:, None]
+        hashed >>= np.uint64(32)
+        segment_starts = np.flatnonzero(np.r_[True, chunk_owner[1:] != chunk_owner[:-1]])
+        segment_min = np.minimum.reduceat(hashed.astype(np.uint32), segment_starts, axis=1).T
+        rows = chunk_owner[segment_starts]
+        signatures[rows] = np.minimum(signatures[rows], segment_min)
+    return signatures
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Fraction of equal signature positions, row by row: an unbiased estimate of Jaccard similarity."""
+    return (a == b).mean(axis=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def optimal_bands(
+    threshold: float, num_perm: int, false_positive_weight: float = 0.5, false_negative_weight: float = 0.5
+) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm minimising the weighted false positive and negative areas.
+
+    The same search as datasketch's `_optimal_param`: a pair of similarity s shares a bucket with
+    probability 1 - (1 - s^rows)^bands; integrate that below the threshold (false positives) and its
+    complement above it (false negatives).
+    """
+    below = np.linspace(0.0, threshold, 257)
+    above = np.linspace(threshold, 1.0, 257)
+    best = (float("inf"), 1, 1)
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            false_positive = np.trapezoid(1 - (1 - below**rows) ** bands, below)
+            false_negative = np.trapezoid((1 - above**rows) ** bands, above)
+            error = false_positive * false_positive_weight + false_negative * false_negative_weight
+            if error < best[0]:
+                best = (error, bands, rows)
+    return best[1], best[2]
+
+
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """int64 array (n, bands): one hash per band of `rows` signature values, distinct between bands."""
+    width = signatures.shape[1]
+    assert bands * rows <= width, f"{bands} bands x {rows} rows exceed {width} permutations"
+    assert rows <= len(_BAND_MULTIPLIERS), f"rows {rows} is above {len(_BAND_MULTIPLIERS)}"
+    banded = signatures[:, : bands * rows].reshape(len(signatures), bands, rows).astype(np.uint64)
+    combined = (banded * _BAND_MULTIPLIERS[:rows]).sum(axis=2, dtype=np.uint64)
+    combined += np.arange(bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return mix64(combined).view(np.int64)
+
+
+def star_edges(keys: np.ndarray) -> np.ndarray:
+    """(m, 2) edges (member, bucket anchor) for one column of band keys over items sorted by id order.
+
+    The anchor of a bucket is its first (smallest) item; singleton buckets give no edge.
+    """
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    anchor = first[inverse]
+    members = np.flatnonzero(anchor != np.arange(len(keys)))
+    return np.stack([members, anchor[members]], axis=1)
+
+
+def _root(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def cluster_duplicates(
+    signatures: np.ndarray, edges: np.ndarray, threshold: float
+) -> dict[int, tuple[int, float]]:
+    """{duplicate index: (kept index, estimated Jaccard with it)} from candidate edges between rows.
+
+    Rows must be in id order: each cluster of edges verified at >= threshold keeps its smallest index.
+    """
+    if not len(edges):
+        return {}
+    edges = np.unique(np.sort(edges, axis=1), axis=0)
+    similar = edges[estimated_jaccard(signatures[edges[:, 0]], signatures[edges[:, 1]]) >= threshold]
+    parent = list(range(len(signatures)))
+    for a, b in similar.tolist():
+        root_a, root_b = _root(parent, a), _root(parent, b)
+        if root_a != root_b:  # the smaller index becomes the root, so a root is its cluster's first id
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+    duplicates = sorted({i for pair in similar.tolist() for i in pair if _root(parent, i) != i})
+    if not duplicates:
+        return {}
+    kept = np.array([_root(parent, i) for i in duplicates])
+    similarity = estimated_jaccard(signatures[duplicates], signatures[kept])
+    return {i: (int(k), float(s)) for i, k, s in zip(duplicates, kept, similarity)}
+
+
+def _reason(kept_id: str, similarity: float) -> str:
+    return f"near-duplicate of {kept_id} (jaccard≈{similarity:.2f})"
+
+
+def near_dedup_records(
+    records: list[dict], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """(kept records in input order, reject rows) for a plain list, with the same LSH as `near_dedup`."""
+    ordered = sorted(records, key=lambda r: order_key(r["id"]))
+    signatures = minhash_signatures([record_text(r) for r in ordered], num_perm, ngram, seed)
+    keys = band_keys(signatures, *optimal_bands(threshold, num_perm))
+    edges = np.concatenate([star_edges(keys[:, band]) for band in range(keys.shape[1])])
+    duplicates = cluster_duplicates(signatures, edges, threshold)
+    rejected = {ordered[i]["id"]: _reason(ordered[k]["id"], s) for i, (k, s) in duplicates.items()}
+    kept = [r for r in records if r["id"] not in rejected]
+    return kept, [reject_for_record(r, STAGE, rejected[r["id"]]) for r in records if r["id"] in rejected]
+
+
+# ---------------------------------------------------------------- Ray Data, global across blocks
+
+
+def _signature_column(signatures: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel(), pa.uint32()), signatures.shape[1])
+
+
+def _signature_matrix(column: pa.ChunkedArray | pa.Array, num_perm: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy().reshape(-1, num_perm)
+
+
+def _add_signatures(batch: pa.Table, num_perm: int, ngram: int, seed: int) -> pa.Table:
+    rows = batch.to_pylist()
+    signatures = minhash_signatures([record_text(r) for r in rows], num_perm, ngram, seed)
+    batch = batch.append_column(ORDER_COLUMN, pa.array([order_key(r["id"]) for r in rows], pa.string()))
+    return batch.append_column(SIGNATURE_COLUMN, _signature_column(signatures))
+
+
+def _band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Table:
+    keys = band_keys(_signature_matrix(batch[SIGNATURE_COLUMN], num_perm), bands, rows)
+    order = np.repeat(np.asarray(batch[ORDER_COLUMN].to_pylist(), dtype=object), bands)
+    return pa.table({BAND_COLUMN: keys.ravel(), ORDER_COLUMN: pa.array(order, pa.string())})
+
+
+def _shared_buckets(buckets: pa.Table) -> pa.Table:
+    return buckets.filter(pc.greater_equal(buckets["size"], 2)).select([BAND_COLUMN, "anchor"])
+
+
+def _bucket_edges(batch: pa.Table, shared_keys: np.ndarray, anchors: np.ndarray) -> pa.Table:
+    keys = batch[BAND_COLUMN].to_numpy()
+    slot = np.clip(np.searchsorted(shared_keys, keys), 0, max(len(shared_keys) - 1, 0))
+    in_shared = shared_keys[slot] == keys if len(shared_keys) else np.zeros(len(keys), bool)
+    members = np.asarray(batch[ORDER_COLUMN].to_pylist(), dtype=object)
+    anchor = anchors[slot]
+    keep = in_shared & (members != anchor)
+    return pa.table(
+        {"member": pa.array(members[keep], pa.string()), "anchor": pa.array(anchor[keep], pa.string())}
+    )
+
+
+def _select_signatures(batch: pa.Table, wanted: set[str]) -> pa.Table:
+    mask = [key in wanted for key in batch[ORDER_COLUMN].to_pylist()]
+    return batch.select([ORDER_COLUMN, SIGNATURE_COLUMN]).filter(pa.array(mask, pa.bool_()))
+
+
+def _mark_near(batch: pa.Table, rejected: dict[str, str]) -> pa.Table:
+    failures = [(STAGE, rejected[key]) if key in rejected else None for key in batch[ORDER_COLUMN].to_pylist()]
+    return mark_table(batch, failures)
+
+
+def _candidate_edges(signed: ray.data.Dataset, num_perm: int, bands: int, rows: int) -> pa.Table | None:
+    """(member, anchor) order keys for every record sharing an LSH bucket with a smaller one, or None."""
+    band_rows = signed.map_batches(
+        _band_rows, fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows}, batch_format="pyarrow"
+    ).materialize()
+    buckets = collect(
+        band_rows.groupby(BAND_COLUMN, num_partitions=max(1, band_rows.num_blocks()))
+        .aggregate(Count(alias_name="size"), Min(ORDER_COLUMN, alias_name="anchor"))
+        .map_batches(_shared_buckets, batch_format="pyarrow")
+    )
+    if buckets is None:
+        return None
+    order = np.argsort(buckets[BAND_COLUMN].to_numpy())
+    shared_keys = buckets[BAND_COLUMN].to_numpy()[order]
+    anchors = np.asarray(buckets["anchor"].to_pylist(), dtype=object)[order]
+    edges = band_rows.map_batches(
+        _bucket_edges,
+        fn_kwargs={"shared_keys": shared_keys, "anchors": anchors},
+        batch_format="pyarrow",
+    )
+    return collect(edges)
+
+
+def _verified_rejects(signed: ray.data.Dataset, edge_table: pa.Table, num_perm: int, threshold: float) -> dict:
+    """{order key: reject reason} after verifying candidate edges with the signatures of their records."""
+    members, anchors = edge_table["member"].to_pylist(), edge_table["anchor"].to_pylist()
+    candidates = sorted(set(members) | set(anchors))  # order keys sort in id order
+    selected = signed.map_batches(_select_signatures, fn_kwargs={"wanted": set(candidates)}, batch_format="pyarrow")
+    chosen = collect(selected)
+    row_of = {key: i for i, key in enumerate(chosen[ORDER_COLUMN].to_pylist())}
+    signatures = _signature_matrix(chosen[SIGNATURE_COLUMN], num_perm)[[row_of[key] for key in candidates]]
+    index = {key: i for i, key in enumerate(candidates)}
+    edges = np.array([[index[m], index[a]] for m, a in zip(members, anchors)], dtype=np.int64)
+    return {
+        candidates[i]: _reason(id_of(candidates[k]), similarity)
+        for i, (k, similarity) in cluster_duplicates(signatures, edges, threshold).items()
+    }
+
+
+def near_dedup(
+    ds: ray.data.Dataset, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(kept records, reject rows): one record per cluster of near-duplicates across the whole dataset.
+
+    Signatures and band keys are computed in parallel; LSH buckets are grouped across all blocks by a hash
+    aggregation. Only the candidate edges and the signatures of records in them come back to the driver,
+    which verifies the edges and finds clusters. The signed records are materialized once.
+    """
+    bands, rows = optimal_bands(threshold, num_perm)
+    signed = ds.map_batches(
+        _add_signatures, fn_kwargs={"num_perm": num_perm, "ngram": ngram, "seed": seed}, batch_format="pyarrow"
+    ).materialize()
+    edge_table = _candidate_edges(signed, num_perm, bands, rows)
+    rejected = {} if edge_table is None else _verified_rejects(signed, edge_table, num_perm, threshold)
+    marked = signed.map_batches(_mark_near, fn_kwargs={"rejected": rejected}, batch_format="pyarrow")
+    return split_marked(marked, drop=[ORDER_COLUMN, SIGNATURE_COLUMN])

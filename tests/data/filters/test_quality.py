@@ -1,0 +1,107 @@
+from instune.config import QualityFilterConfig
+from instune.data.filters.quality import (
+    check_quality,
+    duplicate_line_char_fraction,
+    duplicate_ngram_char_fraction,
+    text_quality_problem,
+    top_ngram_char_fraction,
+)
+from instune.data.schema import make_record
+
+DEFAULTS = QualityFilterConfig().model_dump()
+
+PROSE = (
+    "Photosynthesis is the process plants use to turn light into chemical energy. Chlorophyll in the "
+    "leaves absorbs mostly red and blue light, which is why leaves look green to us. The energy splits "
+    "water molecules, releasing oxygen as a by-product, while carbon dioxide from the air is fixed into "
+    "sugars through the Calvin cycle. Those sugars feed the plant, build cellulose for its cell walls, and "
+    "ultimately supply almost every food chain on the planet with usable energy."
+)
+VOCABULARY = [f"token{chr(97 + i)}{chr(97 + j)}" for i in range(26) for j in range(26)]
+
+
+def conversation(*assistant_answers: str, user: str = "Please answer.") -> dict:
+    messages = []
+    for answer in assistant_answers:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return make_record("src:f.jsonl:line 1", "src", "d", messages)
+
+
+def problem(text: str) -> str | None:
+    return text_quality_problem(text, **DEFAULTS)
+
+
+def test_fluent_prose_and_short_verifiable_answers_pass():
+    assert len(PROSE.split()) >= DEFAULTS["min_words"]
+    assert problem(PROSE) is None
+    for answer in ("12", '{"a": 1}', "[3, 1, 2]", "olleh", "5000 m"):
+        assert check_quality(conversation(answer), **DEFAULTS) is None
+
+
+def test_number_lists_and_worked_arithmetic_are_not_judged_by_word_rules():
+    numbers = "[" + ", ".join(str(i) for i in range(80)) + "]"
+    arithmetic = " ".join(f"{i} + {i} = {2 * i}." for i in range(30))
+    assert problem(numbers) is None
+    assert problem(arithmetic) is None
+
+
+def test_refusal_phrase_is_caught_in_any_length_and_casing():
+    record = conversation("Sure, 4.", "As an AI  language model, I cannot browse the web.")
+    assert check_quality(record, **DEFAULTS) == (
+        "assistant message 3: contains the boilerplate phrase 'as an ai language model'"
+    )
+    curly = "I\u2019m sorry, but I cannot help with that."
+    assert problem(curly) == "contains the boilerplate phrase 'i'm sorry, but i cannot'"
+    assert text_quality_problem(curly, **{**DEFAULTS, "refusal_phrases": []}) is None
+
+
+def test_user_messages_are_not_judged():
+    record = make_record("s:f:1", "s", "d", [
+        {"role": "user", "content": "As an AI language model, rewrite this."},
+        {"role": "assistant", "content": "Done."},
+    ])
+    assert check_quality(record, **DEFAULTS) is None
+
+
+def test_mean_word_length_bounds():
+    short_words = " ".join(["a", "b", "c", "d", "e", "f"] * 10)
+    assert problem(short_words) == "mean word length 1.0 is below 2.5"
+    long_words = " ".join(f"supercalifragilistic{i}" for i in range(60))
+    assert problem(long_words).startswith("mean word length 21.") and "is above 12.0" in problem(long_words)
+
+
+def test_symbol_to_word_ratio():
+    hashed = " ".join(f"#{w}" if i % 3 == 0 else w for i, w in enumerate(VOCABULARY[:60]))
+    assert problem(hashed) == "symbol-to-word ratio 0.33 is above 0.2"
+
+
+def test_non_alphabetic_word_fraction():
+    mostly_numbers = " ".join(VOCABULARY[:50] + [str(1000 + i) for i in range(250)])
+    assert problem(mostly_numbers) == "83% of words have no letter, above 80%"
+
+
+def test_duplicate_lines():
+    lines = [" ".join(VOCABULARY[i * 12 : (i + 1) * 12]) for i in range(5)]
+    text = "\n".join(lines + lines[:2])
+    assert abs(duplicate_line_char_fraction(text) - 2 / 7) < 1e-9
+    assert problem(text) == "29% of characters are in repeated lines, above 20%"
+
+
+def test_top_ngram_fraction():
+    text = " ".join(f"{w} very good" for w in VOCABULARY[:30])
+    # "very good": 8 word characters x 30 over 30 x 15 in all.
+    assert problem(text) == "the most frequent 2-gram covers 53% of characters, above 40%"
+    assert top_ngram_char_fraction("a b c d".split(), 2) == 0.0  # nothing repeats
+
+
+def test_duplicate_ngram_fraction():
+    words = VOCABULARY[:45]
+    text = " ".join(words + words[:20])
+    reason = problem(text)
+    assert reason.startswith("repeated 5-grams cover 3") and reason.endswith("above 30%")
+    assert duplicate_ngram_char_fraction("x y z".split(), 5) == 0.0
+
+
+def test_degenerate_loop_is_caught_by_defaults():
+    loop = "I think the answer is correct and complete. " * 12
+    assert problem(loop) is not None
