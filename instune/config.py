@@ -359,6 +359,17 @@ def _describe(error: dict) -> str:
     return f"{where}: {msg}"
 
 
+def interpolate_output_dir(tree: Any, output_dir: str) -> Any:
+    """Replace "${output_dir}" in every string, so one override moves a whole experiment's files."""
+    if isinstance(tree, dict):
+        return {k: interpolate_output_dir(v, output_dir) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [interpolate_output_dir(v, output_dir) for v in tree]
+    if isinstance(tree, str):
+        return tree.replace("${output_dir}", output_dir)
+    return tree
+
+
 def validate_config(tree: dict, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(tree)
@@ -384,6 +395,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value, str(path))
+    if isinstance(tree.get("output_dir"), str):
+        tree = interpolate_output_dir(tree, tree["output_dir"])
     return validate_config(tree, str(path))
 
 
