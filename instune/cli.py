@@ -17,17 +17,26 @@ def parse_args(argv):
     for name, help_text in [("prepare", "read, filter, mix, tokenize and pack the data"),
                             ("train", "fine-tune on the prepared data with Ray Train"),
                             ("eval", "evaluate a model on the configured eval sets"),
-                            ("run", "prepare, evaluate the base model, train, evaluate the tuned model")]:
+                            ("run", "prepare, evaluate the base model, train, evaluate the tuned model"),
+                            ("sweep", "search data mixes and tuning settings with Ray Tune (resumes if interrupted)")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by dotted path, e.g. --set train.lr=2e-4")
         if name == "eval":
-            p.add_argument("--model", help="model directory to evaluate (default: the run's merged model)")
+            p.add_argument("--model", help="model or PEFT adapter directory to evaluate (default: the run's "
+                                           "merged model); an adapter loads on the config's base model")
+    from instune.jobs import add_job_commands
+
+    add_job_commands(sub)
     return parser.parse_args(argv)
 
 
-def dispatch(args) -> None:
+def dispatch(args) -> int | None:
+    if args.command in ("submit", "jobs"):
+        from instune.jobs import dispatch_job_command
+
+        return dispatch_job_command(args)
     from instune import stages
     from instune.config import load_config
 
@@ -36,27 +45,25 @@ def dispatch(args) -> None:
         stages.prepare_stage(config)
     elif args.command == "train":
         outputs = stages.train_stage(config)
-        print(f"adapter: {outputs.adapter_dir}\nmerged model: {outputs.merged_dir}")
+        report = stages.write_report_for(config, stages.output_paths(config)["train"], f"{config.name}: training",
+                                         metrics_file=outputs.metrics_file)
+        print(f"adapter: {outputs.adapter_dir}\nmerged model: {outputs.merged_dir}\nreport: {report}")
     elif args.command == "eval":
-        from instune.base_model import check_model_dir
-        from instune.eval.compare import before_after_table
-
-        model = args.model or str(stages.output_paths(config)["merged"])
-        check_model_dir(model, "--model")
-        results = stages.eval_stage(config, model, "eval")
-        print(before_after_table(results, []))
+        stages.eval_report_stage(config, args.model)
     elif args.command == "run":
         stages.run_all(config)
+    elif args.command == "sweep":
+        stages.sweep_stage(config)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        dispatch(args)
+        exit_code = dispatch(args)
     except UserError as e:
         print(f"instune: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return exit_code or 0
 
 
 if __name__ == "__main__":

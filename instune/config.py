@@ -196,6 +196,39 @@ class DedupConfig(Strict):
     near: NearDedupConfig | None = None
 
 
+class ScoreConfig(Strict):
+    """Reference-model scoring after dedup: response perplexity, or IFD (instruction-following difficulty,
+    Li et al. 2023 "From Quantity to Quality": loss of the response given the instruction over its loss alone).
+    A record outside [min_score, max_score], or outside the best `top_fraction` of its source, is rejected."""
+
+    # A Hugging Face model directory; unset means the run's base model (and its tokenizer).
+    model_path: str | None = None
+    metric: Literal["ifd", "perplexity"] = "ifd"
+    # IFD above 1 means the instruction does not help predict the response; the paper drops those.
+    min_score: float | None = None
+    max_score: float | None = None
+    # Keep this fraction of each source's scored records (after the thresholds), the best first.
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    # Which end is best for top_fraction; unset means highest IFD (hardest, as in the paper), lowest perplexity.
+    keep: Literal["highest", "lowest"] | None = None
+    batch_size: int = Field(16, gt=0)
+    # Ray Data actors, each holding one copy of the model (one GPU each when the cluster has GPUs).
+    num_actors: int = Field(1, gt=0)
+
+
+class OutcomeMarkerConfig(Strict):
+    """Negative-aware training (Learning From Failure, Wang et al. 2024): records whose metadata `field` says
+    success or failure get the matching marker in the prompt, so failed trajectories can be trained on and
+    the success marker asks for success at inference. Applied when tokenizing, so sweeps can toggle it."""
+
+    # Metadata key holding the label: success/failure, true/false, pass/fail, correct/incorrect, 1/0, ...
+    field: str = "outcome"
+    success: str = "The following response succeeds."
+    failure: str = "The following response fails."
+    # "system": a system message (prepended to one that exists); "prefix": before the first user message.
+    position: Literal["system", "prefix"] = "system"
+
+
 class DataConfig(Strict):
     corpus: CorpusConfig | None = None
     sources: list[SourceConfig] = Field(min_length=1)
@@ -205,13 +238,18 @@ class DataConfig(Strict):
     pack: bool = True
     # How a too-long example is handled: drop it (counted as a reject) or cut it at max_length.
     truncation: Literal["drop", "truncate"] = "truncate"
-    # Target size of the mixture (records); unset keeps every kept record once.
+    # Target size of the train mixture (records, before tokenization); unset keeps every kept record once.
     mix_size: int | None = Field(None, gt=0)
     # Fraction of each source held out as in-domain validation data for eval during training.
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
     filters: FilterConfig = FilterConfig()
     dedup: DedupConfig = DedupConfig()
+    # Reference-model scoring and selection; off unless set.
+    score: ScoreConfig | None = None
+    outcome_markers: OutcomeMarkerConfig | None = None
+    # Train straight from the mix/tokenize/pack pipeline over `filtered/` instead of writing packed splits.
+    stream: bool = False
 
     @model_validator(mode="after")
     def _unique_source_names(self):
@@ -226,7 +264,9 @@ class DataConfig(Strict):
 
 
 class PeftConfig(Strict):
-    method: Literal["lora", "full"] = "lora"
+    # lora (with use_rslora / use_dora), prefix / prompt (virtual tokens; adapter only, nothing to merge),
+    # ia3, bitfit (biases only), lisa (full weights, a few random layers trainable per period), full.
+    method: Literal["lora", "full", "prefix", "prompt", "ia3", "bitfit", "lisa"] = "lora"
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -235,6 +275,12 @@ class PeftConfig(Strict):
     use_dora: bool = False
     # Train the embeddings and LM head too (needed when the base model never saw the chat tokens).
     modules_to_save: list[str] = []
+    # prefix / prompt: learned virtual tokens per layer (prefix) or before the input (prompt).
+    num_virtual_tokens: int = Field(16, gt=0)
+    # lisa (Pan et al. 2024): decoder layers trainable at a time, re-drawn every lisa_period optimizer steps;
+    # embeddings and LM head always train. Frozen layers keep no optimizer state.
+    lisa_layers: int = Field(2, gt=0)
+    lisa_period: int = Field(20, gt=0)
 
 
 class TrainConfig(Strict):
@@ -250,6 +296,19 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
     seed: int = 0
+    # Dropout on the hidden state entering the LM head while training; 0 is off. Zhang & Bottou (2024),
+    # "Fine-tuning with very large dropout", use rates near 0.9 for better out-of-distribution results.
+    head_dropout: float = Field(0.0, ge=0, lt=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # Steps between losses on the validation split; unset: every log_every steps (when there is one).
+    eval_every: int | None = Field(None, gt=0)
+    # Steps between checkpoints (the last step always writes one); unset: only the last.
+    checkpoint_every: int | None = Field(None, gt=0)
+    # Checkpoints kept: the best by eval_loss when there is validation data, else the latest; the
+    # latest is always kept too, for resume.
+    keep_checkpoints: int = Field(2, gt=0)
+    # Worker-group restarts from the latest checkpoint after a worker dies.
+    max_failures: int = Field(0, ge=0)
 
 
 class ScalingConfig(Strict):
@@ -262,6 +321,18 @@ class ScalingConfig(Strict):
 
 class StrategyConfig(Strict):
     name: Literal["ddp", "deepspeed"] = "ddp"
+    # DeepSpeed only: ZeRO stage, CPU offload of optimizer state and of parameters (stage 3).
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Raw DeepSpeed config keys merged over the ones built from the settings above (advanced use).
+    deepspeed: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _offload_needs_stage_3(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
+        return self
 
 
 # ---------------------------------------------------------------- eval
@@ -292,6 +363,107 @@ class EvalConfig(Strict):
     num_actors: int = Field(1, gt=0)
 
 
+# ---------------------------------------------------------------- sweep
+
+
+class SearchSpaceConfig(Strict):
+    """One hyperparameter's range: exactly one of these. `randint` bounds are both inclusive."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_range(self):
+        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform, randint (got {given or 'none'})")
+        bounds = getattr(self, given[0])
+        if given[0] != "choice" and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: the low bound must be below the high bound (got {list(bounds)})")
+        if given[0] == "loguniform" and bounds[0] <= 0:
+            raise ValueError(f"loguniform: bounds must be positive (got {list(bounds)})")
+        return self
+
+
+class DirichletConfig(Strict):
+    """Mix weights over `names` drawn from a symmetric Dirichlet(alpha): small alpha gives lopsided mixes."""
+
+    names: list[str] = Field(min_length=2)
+    alpha: float = Field(1.0, gt=0)
+
+
+class MixSweepConfig(Strict):
+    """Data-mix weights, one per source (or per domain of the prepared records), put on the simplex per trial."""
+
+    by: Literal["source", "domain"] = "source"
+    # name -> a fixed weight or a range; every source (domain) needs one, 0 leaves it out of the mixture.
+    weights: dict[str, float | SearchSpaceConfig] | None = None
+    dirichlet: DirichletConfig | None = None
+
+    @model_validator(mode="after")
+    def _weights_or_dirichlet(self):
+        if (self.weights is None) == (self.dirichlet is None):
+            raise ValueError("give either weights (one per name) or dirichlet, not both or neither")
+        negative = [n for n, w in (self.weights or {}).items() if isinstance(w, float) and w < 0]
+        if negative:
+            raise ValueError(f"weights must not be negative: {', '.join(negative)}")
+        return self
+
+
+SweepObjective = Literal["in_domain_loss", "out_of_domain_loss", "generalisation_loss", "gap_loss",
+                         "in_domain_accuracy", "out_of_domain_accuracy", "generalisation_accuracy", "gap_accuracy"]
+
+
+class SweepConfig(Strict):
+    """`instune sweep`: Ray Tune trials of this config with `params` and `mix` applied, one Ray Train run each."""
+
+    # Dotted config path -> range, e.g. {"train.lr": {loguniform: [1.0e-4, 1.0e-2]}, "peft.r": {choice: [8, 16]}}.
+    params: dict[str, SearchSpaceConfig] = {}
+    mix: MixSweepConfig | None = None
+    # Loss: eval loss per eval set at every report. Accuracy: exact match of each finished trial's model.
+    # Over the in-domain sets, the out-of-domain sets, all sets (generalisation), or the gap between them
+    # (out-of-domain minus in-domain loss; in-domain minus out-of-domain accuracy).
+    objective: SweepObjective = "in_domain_loss"
+    # random and grid: Tune's variant generator; optuna: Optuna's TPE, which models the results so far.
+    search: Literal["random", "grid", "optuna"] = "random"
+    # asha stops trials that trail at a rung of steps; fifo runs every trial to the end.
+    scheduler: Literal["asha", "fifo"] = "asha"
+    # Trials to draw (random, optuna; unset: 8), or repeats of the whole grid (grid; unset: 1).
+    num_samples: int | None = Field(None, gt=0)
+    # ASHA: steps before a trial may be stopped (default: train.log_every, the first report), and
+    # 1/reduction_factor of the trials at a rung go on.
+    grace_steps: int | None = Field(None, gt=0)
+    reduction_factor: float = Field(2.0, gt=1)
+    # Unset: as many as the cluster holds, each trial taking its workers plus one CPU for data and eval.
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    # Exact match per eval set on each finished trial's model; needed by the accuracy objectives.
+    final_eval: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.params and self.mix is None:
+            raise ValueError("nothing to search: give params, mix or both")
+        if self.objective.endswith("_accuracy"):
+            if self.scheduler == "asha":
+                raise ValueError(f"scheduler asha needs results while trials train, but {self.objective} is "
+                                 "measured when a trial ends; use scheduler: fifo or a *_loss objective")
+            if not self.final_eval:
+                raise ValueError(f"{self.objective} needs final_eval: true")
+        if self.search == "grid":
+            ranged = [k for k, v in self.params.items() if v.choice is None]
+            if self.mix and self.mix.weights:
+                ranged += [f"mix.weights.{k}" for k, v in self.mix.weights.items()
+                           if isinstance(v, SearchSpaceConfig) and v.choice is None]
+            if ranged:
+                raise ValueError(f"grid search needs a choice list, not a range, for {', '.join(ranged)}")
+            if self.mix and self.mix.dirichlet:
+                raise ValueError("grid search cannot enumerate mix.dirichlet; use search: random or optuna")
+        return self
+
+
 # ---------------------------------------------------------------- experiment
 
 
@@ -306,6 +478,7 @@ class ExperimentConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     strategy: StrategyConfig = StrategyConfig()
     eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig | None = None
 
 
 # ---------------------------------------------------------------- loading

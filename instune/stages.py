@@ -28,7 +28,8 @@ def start_ray(scaling=None) -> None:
     kwargs = {}
     if "RAY_ADDRESS" not in os.environ:
         needed = math.ceil(scaling.num_workers * scaling.cpus_per_worker) + 1 if scaling else 1
-        kwargs = {"num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
+        # address "local": start our own even when a `ray start` cluster runs here (ray.init would join it).
+        kwargs = {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
     ray.init(log_to_driver=True, **kwargs)
     import ray.data
 
@@ -72,7 +73,7 @@ def prepare_stage(config: ExperimentConfig) -> dict:
     from instune.data.prepare import prepare
 
     check_inputs(config)
-    _, tokenizer_path = base_model(config)
+    model_path, tokenizer_path = base_model(config)
     write_resolved_config(config, config.output_dir)
     eval_texts = []
     if config.data.filters.decontaminate is not None:
@@ -81,7 +82,7 @@ def prepare_stage(config: ExperimentConfig) -> dict:
         eval_texts = ["\n".join(m["content"] for m in split_prompt(r["messages"])[0])
                       for s in load_eval_sets(config) for r in s.records]
     start_ray(config.scaling)
-    manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts)
+    manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts, model_path=model_path)
     for name, c in manifest["sources"].items():
         print(f"[prepare] {name}: read {c['read']} kept {c['kept']} rejected {c['rejected']}")
     return manifest
@@ -99,13 +100,24 @@ def train_stage(config: ExperimentConfig):
     model_path, tokenizer_path = base_model(config)
     write_resolved_config(config, config.output_dir)
     s, t = config.scaling, config.train
-    total_steps = steps_for(manifest["splits"]["train"]["rows"], s.num_workers, t.micro_batch_size,
-                            t.grad_accum, t.epochs, t.max_steps)
+    if config.data.stream and t.max_steps is None:
+        raise UserError("train.max_steps: required with data.stream: true (streamed data has no row count "
+                        "before training)")
+    rows = 0 if config.data.stream else manifest["splits"]["train"]["rows"]
+    total_steps = steps_for(rows, s.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     settings = loop_settings(config, model_path, total_steps)
     start_ray(config.scaling)
-    datasets = {"train": ray.data.read_parquet(str(paths["data"] / "train"))}
-    if "validation" in manifest["splits"]:
-        datasets["validation"] = ray.data.read_parquet(str(paths["data"] / "validation"))
+    if config.data.stream:
+        from instune.data.prepare import stream_train_data
+
+        # Phase 2 (mix, markers, tokenize, pack) runs as training reads; nothing is written.
+        train, validation = stream_train_data(config, tokenizer_path, paths["data"])
+        datasets = {"train": train, **({"validation": validation} if validation is not None else {})}
+    else:
+        datasets = {"train": ray.data.read_parquet(str(paths["data"] / "train"))}
+        if "validation" in manifest["splits"]:
+            datasets["validation"] = ray.data.read_parquet(str(paths["data"] / "validation"))
+    if "validation" in datasets:
         settings.eval_every = t.log_every
     print(f"[train] {config.peft.method} on {s.num_workers} workers, {total_steps} steps", flush=True)
     result, metrics_file = run_ray_training(
@@ -143,20 +155,78 @@ def load_eval_sets(config: ExperimentConfig):
 
 
 def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
-    from instune.atomic import write_json
-    from instune.eval.evaluate import evaluate_model
+    """Evaluate a model or adapter directory in a Ray Data actor pool; writes eval/<label>.json and
+    eval/<label>_predictions.jsonl and returns the SetResults."""
+    import json
+
+    from instune.atomic import write_json, write_text
+    from instune.eval.evaluate import EvalSettings
+    from instune.eval.load import is_adapter_dir
+    from instune.eval.pool import evaluate_with_ray
 
     sets = load_eval_sets(config)
+    base_path = base_model(config)[0] if is_adapter_dir(model_path) else None
+    e, m = config.eval, config.model
+    settings = EvalSettings(max_length=m.max_length, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                            dtype=m.dtype, do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p,
+                            seed=e.seed)
     print(f"[eval] {label}: {sum(len(s.records) for s in sets)} examples in {len(sets)} sets", flush=True)
-    results = evaluate_model(model_path, sets, max_length=config.model.max_length,
-                             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-    write_json(output_paths(config)["eval"] / f"{label}.json", [r.to_dict() for r in results])
+    start_ray(config.scaling)
+    results, predictions = evaluate_with_ray(model_path, sets, settings, num_actors=e.num_actors,
+                                             use_gpu=config.scaling.use_gpu, base_model_path=base_path)
+    eval_dir = output_paths(config)["eval"]
+    write_json(eval_dir / f"{label}.json", [r.to_dict() for r in results])
+    write_text(eval_dir / f"{label}_predictions.jsonl",
+               "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     return results
+
+
+def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, data: bool = True,
+                     metrics_file: Path | None = None, before=None, after=None, before_label: str = "base",
+                     after_label: str = "tuned") -> Path:
+    """Write out_dir/report.html (self-contained) and report.md: eval results, learning curves from
+    `metrics_file`, the data report when `data`, and the config; returns the HTML path."""
+    from instune.config import config_to_yaml
+    from instune.report.document import write_report
+    from instune.report.sections import run_sections
+
+    sections = run_sections(config_to_yaml(config), data_dir=output_paths(config)["data"] if data else None,
+                            metrics_file=metrics_file, before=before, after=after, before_label=before_label,
+                            after_label=after_label)
+    return write_report(out_dir, title, sections).html
+
+
+def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
+    """`instune eval`: evaluate one model or adapter (default: the run's merged model) and write
+    eval/report.html; base-model results of an earlier `instune run` (eval/base.json) become the "before"."""
+    import json
+
+    from instune.eval.compare import per_set_rows, summary_rows
+    from instune.eval.evaluate import SetResult
+    from instune.eval.load import check_eval_model, is_adapter_dir
+    from instune.report.document import markdown_table
+
+    if not config.eval.sets:
+        raise UserError("eval.sets: no eval sets configured; add at least one to evaluate")
+    model_path = model_path or str(output_paths(config)["merged"])
+    model_path = check_eval_model(model_path, base_model(config)[0] if is_adapter_dir(model_path) else None,
+                                  "--model")
+    results = eval_stage(config, model_path, "eval")
+    base_file = output_paths(config)["eval"] / "base.json"
+    before = [SetResult.from_dict(d) for d in json.loads(base_file.read_text())] if base_file.is_file() else []
+    if sorted((r.name, r.examples) for r in before) != sorted((r.name, r.examples) for r in results):
+        before, results = results, None
+    report = write_report_for(config, output_paths(config)["eval"], f"{config.name}: eval of {model_path}",
+                              data=False, before=before, after=results,
+                              before_label="base" if results else "model", after_label="model")
+    print(markdown_table(*per_set_rows(before, results)) + "\n\n" + markdown_table(*summary_rows(before, results)))
+    print(f"report: {report}")
+    return report
 
 
 def run_all(config: ExperimentConfig) -> dict:
     """prepare -> eval base -> train -> eval tuned -> before/after table."""
-    from instune.eval.compare import before_after_table
+    from instune.eval.compare import per_set_rows, summary_rows
 
     check_inputs(config)
     manifest = prepare_stage(config)
@@ -164,10 +234,15 @@ def run_all(config: ExperimentConfig) -> dict:
     before = eval_stage(config, model_path, "base") if config.eval.sets else []
     outputs = train_stage(config)
     after = eval_stage(config, str(outputs.merged_dir), "tuned") if config.eval.sets else []
-    table = before_after_table(before, after)
     from instune.atomic import write_text
+    from instune.report.document import markdown_table
 
-    write_text(output_paths(config)["eval"] / "before_after.md", table + "\n")
+    table = ""
+    if config.eval.sets:
+        table = markdown_table(*per_set_rows(before, after)) + "\n\n" + markdown_table(*summary_rows(before, after))
+        write_text(output_paths(config)["eval"] / "before_after.md", table + "\n")
+    report = write_report_for(config, Path(config.output_dir), f"{config.name}: run",
+                              metrics_file=outputs.metrics_file, before=before, after=after)
     print()
     print(table)
     print()
@@ -175,6 +250,26 @@ def run_all(config: ExperimentConfig) -> dict:
     for name, path in [("config", Path(config.output_dir) / "resolved_config.yaml"),
                        ("data", output_paths(config)["data"]), ("adapter", outputs.adapter_dir),
                        ("merged model", outputs.merged_dir), ("metrics", outputs.metrics_file),
-                       ("eval", output_paths(config)["eval"])]:
+                       ("eval", output_paths(config)["eval"]), ("report", report)]:
         print(f"  {name:13s} {path}")
     return {"manifest": manifest, "before": before, "after": after, "outputs": outputs, "table": table}
+
+
+def sweep_stage(config: ExperimentConfig):
+    """`instune sweep`: prepare the data once (reused while current), then run or resume the sweep of
+    `config.sweep` on Ray Tune; returns SweepPaths (results table, best config, plots under output_dir/sweep)."""
+    from instune.data.prepare import MANIFEST, load_manifest
+    from instune.tune.sweep import check_sweep, is_prepared_for, run_sweep
+
+    check_sweep(config, config.model_dump(mode="json"))
+    check_inputs(config)
+    data_dir = output_paths(config)["data"]
+    manifest = load_manifest(data_dir) if (data_dir / MANIFEST).is_file() else None
+    if manifest is None or not is_prepared_for(manifest, config):
+        manifest = prepare_stage(config)
+    else:
+        print(f"[sweep] reusing the prepared data in {data_dir}", flush=True)
+    model_path, tokenizer_path = base_model(config)
+    eval_sets = load_eval_sets(config)
+    start_ray(config.scaling)
+    return run_sweep(config, eval_sets, manifest, model_path, tokenizer_path, data_dir)

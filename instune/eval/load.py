@@ -1,0 +1,72 @@
+"""Open the model to evaluate: a full Hugging Face model directory, or a PEFT adapter on its base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from instune.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(adapter_dir: str | Path, base_model_path: str | None, field: str = "--model") -> str:
+    """The base model an adapter applies to: `base_model_path` if given, else the one its config names."""
+    if base_model_path:
+        return base_model_path
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        named = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{field}: {config_file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not named or not Path(named).is_dir():
+        raise UserError(f"{field}: {config_file} names base model {named!r}, which is not a local directory; "
+                        "set model.path to the base model")
+    return named
+
+
+def check_eval_model(path: str, base_model_path: str | None, field: str = "--model") -> str:
+    """Check before Ray starts that `path` is a model or adapter directory we can open; return it resolved."""
+    from instune.base_model import check_model_dir
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{field}: {path} is not a directory (expected a model or a PEFT adapter directory)")
+    if is_adapter_dir(p):
+        if not any(p.glob("adapter_model.*")):
+            raise UserError(f"{field}: {path} has {ADAPTER_CONFIG} but no adapter_model.safetensors or .bin")
+        check_model_dir(adapter_base_path(p, base_model_path, field), field)
+        return str(p.resolve())
+    return str(check_model_dir(str(p), field))
+
+
+def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype: str, device: str):
+    """(model in eval mode on `device`, tokenizer); an adapter directory loads base + adapter with PEFT.
+
+    The tokenizer comes from the adapter directory when it holds one (training saves it there), else from
+    the base. A tokenizer without a pad token pads with EOS: padding is masked out everywhere we use it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if is_adapter_dir(model_path):
+        from peft import PeftModel
+
+        base_path = adapter_base_path(model_path, base_model_path)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base, model_path)
+        has_tokenizer = (Path(model_path) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(model_path if has_tokenizer else base_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,63 @@
+"""Tiny models for the eval tests: built from the embedded architecture, never downloaded."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def qa_records(pairs: list[tuple[str, str]]) -> list[dict]:
+    """Canonical records, one user question and one assistant answer each."""
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+ARITHMETIC = [("What is 2 + 3?", "5"), ("What is 7 + 1?", "8"), ("What is 4 + 4?", "8"), ("What is 9 - 3?", "6"),
+              ("What is 10 + 12?", "22")]
+UNITS = [("Convert 2 km to m.", "2000 m"), ("Convert 3 m to cm.", "300 cm"), ("Convert 1 kg to g.", "1000 g")]
+
+
+@pytest.fixture
+def tiny_eval_sets():
+    """Two in-domain sets of one domain (5 and 2 examples) and one out-of-domain set (3 examples)."""
+    from instune.eval.evaluate import EvalSet
+
+    return [EvalSet("arith_a", "arithmetic", "in_domain", qa_records(ARITHMETIC)),
+            EvalSet("arith_b", "arithmetic", "in_domain", qa_records(ARITHMETIC[:2])),
+            EvalSet("units", "unit_conversion", "out_of_domain", qa_records(UNITS))]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 2-layer Llama (hidden 32) with the embedded ChatML tokenizer."""
+    from instune.base_model import tokenizer_training_texts
+    from instune.default.model import build_model
+    from instune.default.tokenizer import save_tokenizer, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = train_tokenizer(tokenizer_training_texts(per_domain=40), vocab_size=400)
+    model = build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                        max_position_embeddings=256, seed=0)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    save_tokenizer(tokenizer, directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_and_merged(tiny_model_dir, tmp_path_factory):
+    """(LoRA adapter dir with non-zero weights on the tiny model, the same adapter merged into a full model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_tuned")
+    adapter_dir, merged_dir = root / "adapter", root / "merged"
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    # init_lora_weights=False draws B at random too, so the adapter changes the outputs.
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(str(adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    peft_model.merge_and_unload().save_pretrained(str(merged_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(merged_dir))
+    return adapter_dir, merged_dir
