@@ -395,7 +395,8 @@ class DirichletConfig(Strict):
 
 
 class MixSweepConfig(Strict):
-    """Data-mix weights, one per source (or per domain of the prepared records), put on the simplex per trial."""
+    """Data-mix weights, one per source (or per domain of the prepared records), put on the simplex per trial.
+    Each trial draws data.mix_size records (unset: as many as were prepared) in those proportions."""
 
     by: Literal["source", "domain"] = "source"
     # name -> a fixed weight or a range; every source (domain) needs one, 0 leaves it out of the mixture.
@@ -432,7 +433,7 @@ class SweepConfig(Strict):
     scheduler: Literal["asha", "fifo"] = "asha"
     # Trials to draw (random, optuna; unset: 8), or repeats of the whole grid (grid; unset: 1).
     num_samples: int | None = Field(None, gt=0)
-    # ASHA: steps before a trial may be stopped (default: train.log_every, the first report), and
+    # ASHA: steps before a trial may be stopped (default: the first eval, train.eval_every or log_every), and
     # 1/reduction_factor of the trials at a rung go on.
     grace_steps: int | None = Field(None, gt=0)
     reduction_factor: float = Field(2.0, gt=1)

@@ -106,6 +106,9 @@ def train_stage(config: ExperimentConfig):
     rows = 0 if config.data.stream else manifest["splits"]["train"]["rows"]
     total_steps = steps_for(rows, s.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     settings = loop_settings(config, model_path, total_steps)
+    from instune.train.checks import check_training_plan
+
+    check_training_plan(settings, packed=config.data.pack)
     start_ray(config.scaling)
     if config.data.stream:
         from instune.data.prepare import stream_train_data
@@ -117,13 +120,13 @@ def train_stage(config: ExperimentConfig):
         datasets = {"train": ray.data.read_parquet(str(paths["data"] / "train"))}
         if "validation" in manifest["splits"]:
             datasets["validation"] = ray.data.read_parquet(str(paths["data"] / "validation"))
-    if "validation" in datasets:
-        settings.eval_every = t.log_every
     print(f"[train] {config.peft.method} on {s.num_workers} workers, {total_steps} steps", flush=True)
+    # The same output_dir resumes from its latest checkpoint (see instune/train/trainer.py).
     result, metrics_file = run_ray_training(
         settings, datasets, num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
         gpus_per_worker=s.gpus_per_worker, placement_strategy=s.placement_strategy,
-        storage_dir=paths["train"], run_name="run")
+        storage_dir=paths["train"], run_name="run", max_failures=t.max_failures,
+        keep_checkpoints=t.keep_checkpoints)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see {paths['train']}")
     with result.checkpoint.as_directory() as checkpoint_dir:
@@ -233,7 +236,8 @@ def run_all(config: ExperimentConfig) -> dict:
     model_path, _ = base_model(config)
     before = eval_stage(config, model_path, "base") if config.eval.sets else []
     outputs = train_stage(config)
-    after = eval_stage(config, str(outputs.merged_dir), "tuned") if config.eval.sets else []
+    # Prefix/prompt tuning has no merged model; eval loads the adapter on the base.
+    after = eval_stage(config, str(outputs.merged_dir or outputs.adapter_dir), "tuned") if config.eval.sets else []
     from instune.atomic import write_text
     from instune.report.document import markdown_table
 

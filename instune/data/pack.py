@@ -19,12 +19,15 @@ class Bin:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     num_examples: int = 0
+    # The source of each example, in order: the data report counts the realised mixture from these.
+    sources: list[str] = field(default_factory=list)
 
-    def add(self, input_ids: list[int], labels: list[int]) -> None:
+    def add(self, input_ids: list[int], labels: list[int], source: str = "") -> None:
         self.input_ids += input_ids
         self.labels += labels
         self.position_ids += range(len(input_ids))
         self.num_examples += 1
+        self.sources.append(source)
 
 
 def finish(bin_: Bin, seq_len: int, pad_id: int) -> dict:
@@ -36,6 +39,8 @@ def finish(bin_: Bin, seq_len: int, pad_id: int) -> dict:
         "position_ids": bin_.position_ids + list(range(pad)),
         "num_examples": bin_.num_examples,
         "num_target_tokens": sum(label != IGNORE_INDEX for label in bin_.labels),
+        "num_tokens": len(bin_.input_ids),  # before padding: packing efficiency is num_tokens / seq_len
+        "sources": bin_.sources,
     }
 
 
@@ -46,7 +51,7 @@ class Packer:
         self.seq_len, self.pad_id, self.max_open = seq_len, pad_id, max_open
         self.open: list[Bin] = []
 
-    def add(self, input_ids: list[int], labels: list[int]) -> list[dict]:
+    def add(self, input_ids: list[int], labels: list[int], source: str = "") -> list[dict]:
         """Place one example; return the rows of any bins this closed."""
         assert len(input_ids) <= self.seq_len, "examples must be truncated to seq_len before packing"
         best, best_room = None, self.seq_len + 1
@@ -57,7 +62,7 @@ class Packer:
         if best is None:
             best = Bin()
             self.open.append(best)
-        best.add(input_ids, labels)
+        best.add(input_ids, labels, source)
         closed = []
         if len(best.input_ids) == self.seq_len:
             self.open.remove(best)
@@ -75,16 +80,16 @@ class Packer:
 
 
 def pack(examples, seq_len: int, pad_id: int, max_open: int = 64) -> list[dict]:
-    """Pack an iterable of (input_ids, labels) pairs; returns every row."""
+    """Pack an iterable of (input_ids, labels) or (input_ids, labels, source) tuples; returns every row."""
     packer = Packer(seq_len, pad_id, max_open)
     rows = []
-    for input_ids, labels in examples:
-        rows += packer.add(input_ids, labels)
+    for example in examples:
+        rows += packer.add(*example)
     return rows + packer.flush()
 
 
-def pad_one(input_ids: list[int], labels: list[int], seq_len: int, pad_id: int) -> dict:
+def pad_one(input_ids: list[int], labels: list[int], seq_len: int, pad_id: int, source: str = "") -> dict:
     """One example per row (packing off), in the same row layout as packed rows."""
     b = Bin()
-    b.add(input_ids, labels)
+    b.add(input_ids, labels, source)
     return finish(b, seq_len, pad_id)

@@ -3,8 +3,19 @@
 Two phases, both streaming Ray Datasets with disk in between:
   1. read + normalise (+ filters, dedup): every input record ends as one row, kept or rejected with a reason.
      Kept rows go to `filtered/`, rejects to `quarantine/`. This is the expensive part and runs once.
-  2. mix + tokenize + pack: draws a mixture from `filtered/` by source weights. Sweeps call this alone to
-     redraw a mixture for each trial without reading or filtering again.
+     With `data.score` set, a reference model scores what survives dedup and selects by score (stage "score").
+  2. mix + tokenize + pack: draws a mixture from `filtered/` by source weights, adds outcome markers, and
+     tokenizes and packs. Sweeps call this alone to redraw a mixture for each trial without reading or
+     filtering again; with `data.stream` training consumes it directly (`stream_train_data`) and nothing
+     is written.
+
+Every record is accounted for: read == kept + rejected per source and per stage in phase 1, and in phase 2
+every record drawn into a split is packed or dropped at tokenization (with its reason). The manifest holds
+these counts, the requested and realised mixture, and `report/` a readable report with figures.
+
+Layout: filtered/ and quarantine/ (phase 1), train/ and validation/ (packed rows), dropped/<split>/ (records
+dropped at tokenization, with reasons), report/ (report.md and figures), manifest.json; written whole or not
+at all (atomic_dir).
 
 Inside Ray Data rows carry `messages` as JSON text: one stable Arrow type for kept and rejected rows alike.
 """
@@ -13,12 +24,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from instune.atomic import atomic_dir, write_json
 from instune.data.filters import build_checks
+from instune.data.outcome import OutcomeMarkers
 from instune.data.schema import REJECT_COLUMNS
 from instune.errors import UserError
 
@@ -54,16 +71,18 @@ def _row(kind: str, record: dict | None = None, reject: dict | None = None) -> d
     return row
 
 
-def read_file_rows(task: dict, max_record_bytes: int) -> list[dict]:
-    """All rows (kept and rejected) of one file; runs inside a Ray task."""
+def read_file_rows(task: dict, max_record_bytes: int):
+    """Every row (kept and rejected) of one file, as a generator; runs inside a Ray task.
+
+    A generator, so Ray Data cuts the file's rows into blocks as they come: a worker never holds a whole file.
+    """
     from instune.data.formats import to_canonical
     from instune.data.read import iter_raw_records
 
     field_map = json.loads(task["field_map"]) if task["field_map"] else None
     items = iter_raw_records(task["file"], max_record_bytes)
-    return [_row(kind, record=value) if kind == "kept" else _row("rejected", reject=value)
-            for kind, value in to_canonical(items, task["source"], task["domain"], task["format"],
-                                            field_map, task["file"])]
+    for kind, value in to_canonical(items, task["source"], task["domain"], task["format"], field_map, task["file"]):
+        yield _row(kind, record=value) if kind == "kept" else _row("rejected", reject=value)
 
 
 def read_all(sources: list[SourceFiles], max_record_bytes: int):
@@ -79,6 +98,36 @@ def read_all(sources: list[SourceFiles], max_record_bytes: int):
 
 def count_by(ds, columns: list[str]) -> dict[tuple, int]:
     return {tuple(r[c] for c in columns): r["count()"] for r in ds.groupby(columns).count().take_all()}
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_KIND_OF_STAGE = {"dedup:exact": "exact duplicate", "dedup:near": "near-duplicate"}
+
+
+def reason_kind(stage: str, reason: str) -> str:
+    """The reason with its particulars (numbers, duplicate ids) taken out, so rejects group into a few kinds.
+
+    "record is 5123 bytes, over max_record_bytes (4096)" -> "record is N bytes, over max_record_bytes (N)".
+    """
+    return _KIND_OF_STAGE.get(stage) or _NUMBER.sub("N", reason)
+
+
+def _with_reason_kind(batch: pa.Table) -> pa.Table:
+    kinds = [reason_kind(stage, reason) for stage, reason in zip(batch["stage"].to_pylist(),
+                                                                 batch["reason"].to_pylist())]
+    return batch.append_column("reason_kind", pa.array(kinds, pa.string()))
+
+
+def reject_kinds(quarantine) -> list[dict]:
+    """[{source, stage, reason (a kind), count, example_reason, example}] over every reject, one row per kind."""
+    from ray.data.aggregate import Count, Min
+
+    grouped = (quarantine.map_batches(_with_reason_kind, batch_format="pyarrow")
+               .groupby(["source", "stage", "reason_kind"])
+               .aggregate(Count(alias_name="count"), Min("reason", alias_name="example_reason"),
+                          Min("example", alias_name="example")))
+    return [{"source": r["source"], "stage": r["stage"], "reason": r["reason_kind"], "count": r["count"],
+             "example_reason": r["example_reason"], "example": r["example"]} for r in grouped.take_all()]
 
 
 def check_accounting(read_counts: dict, kept: dict, rejected: dict) -> None:
@@ -99,11 +148,14 @@ def parse_messages(batch):
 
 # Order in which records can be rejected; the report lists stages in this order.
 STAGES = ("read", "normalise", "filter:length", "filter:quality", "filter:language", "filter:decontaminate",
-          "dedup:exact", "dedup:near")
+          "dedup:exact", "dedup:near", "score")
 
 
 def stage_table(read_counts: dict, reject_counts: dict) -> dict:
-    """Per source, per stage: records in, rejected, out (each stage's out is the next one's in)."""
+    """Per source, per stage: records in, rejected, out (each stage's out is the next one's in).
+
+    `reject_counts` maps (source, stage, reason) to a count.
+    """
     table = {}
     for source, read in read_counts.items():
         remaining, rows = read, []
@@ -115,10 +167,12 @@ def stage_table(read_counts: dict, reject_counts: dict) -> dict:
     return table
 
 
-def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, checks: list) -> dict:
-    """Phase 1: read, normalise, filter, dedup; kept rows to `filtered/`, every reject to `quarantine/`.
+def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, checks: list,
+                     scoring: dict | None = None) -> dict:
+    """Phase 1: read, normalise, filter, dedup, score; kept rows to `filtered/`, every reject to `quarantine/`.
 
-    Returns per-source counts: read, kept, rejected, per-stage table and rejects by reason.
+    `scoring` holds the keyword arguments of `score.score_dataset` (but `num_gpus`), or None for no scoring.
+    Returns per-source counts: read, kept, rejected, per-stage table and rejects by kind of reason.
     """
     import shutil
 
@@ -147,30 +201,57 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
         print("[prepare] near-duplicate deduplication (MinHash LSH)", flush=True)
         kept, rejected = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed)
         rejects.append(rejected)
+    if scoring is not None:
+        from instune.data.score import score_dataset
+
+        # One GPU per scoring actor where the cluster has GPUs; otherwise the model runs on CPU.
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        print(f"[prepare] scoring with the reference model ({scoring['metric']}, "
+              f"{'GPU' if num_gpus else 'CPU'})", flush=True)
+        kept, rejected = score_dataset(kept, num_gpus=num_gpus, **scoring)
+        rejects.append(rejected)
     kept.write_parquet(str(out_dir / "filtered"))
     rejects[0].union(*rejects[1:]).write_parquet(str(out_dir / "quarantine")) if len(rejects) > 1 \
         else rejects[0].write_parquet(str(out_dir / "quarantine"))
 
     names = [s.name for s in sources]
     read_counts = {n: 0 for n in names}
-    for (source,), n in count_by(annotated, ["source"]).items():
+    for (source,), n in count_by(ray.data.read_parquet(str(staging)).select_columns(["source"]), ["source"]).items():
         read_counts[source] = n
-    filtered = ray.data.read_parquet(str(out_dir / "filtered"))
     kept_counts = {n: 0 for n in names}
-    if filtered.count():
-        for (source,), n in count_by(filtered, ["source"]).items():
-            kept_counts[source] = n
-    quarantine = ray.data.read_parquet(str(out_dir / "quarantine"))
-    reject_counts = count_by(quarantine, ["source", "stage", "reason"]) if quarantine.count() else {}
+    if (out_dir / "filtered").exists():
+        filtered = ray.data.read_parquet(str(out_dir / "filtered")).select_columns(["source"])
+        if filtered.count():
+            for (source,), n in count_by(filtered, ["source"]).items():
+                kept_counts[source] = n
+    kinds = []
+    if (out_dir / "quarantine").exists():
+        quarantine = ray.data.read_parquet(str(out_dir / "quarantine"))
+        kinds = reject_kinds(quarantine) if quarantine.count() else []
+    reject_counts = Counter()
+    for k in kinds:
+        reject_counts[(k["source"], k["stage"], k["reason"])] += k["count"]
     rejected_counts = {n: sum(v for (s, _, _), v in reject_counts.items() if s == n) for n in names}
     check_accounting(read_counts, kept_counts, rejected_counts)
     shutil.rmtree(staging, ignore_errors=True)
     stages = stage_table(read_counts, reject_counts)
     by_reason: dict = {}
-    for (source, stage, reason), n in sorted(reject_counts.items(), key=lambda kv: -kv[1]):
-        by_reason.setdefault(source, []).append({"stage": stage, "reason": reason, "count": n})
+    for k in sorted(kinds, key=lambda k: (STAGES.index(k["stage"]), -k["count"], k["reason"])):
+        by_reason.setdefault(k["source"], []).append({key: k[key] for key in k if key != "source"})
     return {n: {"read": read_counts[n], "kept": kept_counts[n], "rejected": rejected_counts[n],
                 "stages": stages[n], "rejects": by_reason.get(n, [])} for n in names}
+
+
+def phase1_line(counts: dict, files: int, seconds: float) -> str:
+    """One progress line: records read, kept, rejected, and rejects per stage."""
+    read, kept = sum(c["read"] for c in counts.values()), sum(c["kept"] for c in counts.values())
+    per_stage = Counter()
+    for c in counts.values():
+        for row in c["stages"]:
+            per_stage[row["stage"]] += row["rejected"]
+    stages = ", ".join(f"{stage} {per_stage[stage]}" for stage in STAGES if per_stage[stage])
+    return (f"[prepare] phase 1 (read, filter, dedup, score): {read} records from {files} files -> kept {kept}, "
+            f"rejected {read - kept}{f' ({stages})' if stages else ''} in {seconds:.1f} s")
 
 
 def unit_hash(seed: int, key: str) -> float:
@@ -192,58 +273,273 @@ def mixture_copies(kept: dict[str, int], weights: dict[str, float], size: int | 
     return {s: (size * weights[s] / total / kept[s] if kept[s] else 0.0) for s in kept}
 
 
-def draw_copies(row: dict, copies_by_source: dict, seed: int) -> list[dict]:
-    copies = copies_by_source[row["source"]]
+def requested_fractions(kept: dict[str, int], weights: dict[str, float], size: int | None) -> dict[str, float]:
+    """The share of the mixture each source is expected to hold: by weight with a size, by records without."""
+    copies = mixture_copies(kept, weights, size)
+    expected = {s: kept[s] * copies[s] for s in kept}
+    total = sum(expected.values())
+    return {s: (expected[s] / total if total else 0.0) for s in kept}
+
+
+def copies_drawn(record_id: str, copies: float, seed: int) -> int:
+    """Copies of one record in the mixture: the whole part of `copies`, plus one with the fraction's chance."""
     whole = int(copies)
-    extra = 1 if unit_hash(seed, row["id"]) < copies - whole else 0
-    return [dict(row, copy=i) for i in range(whole + extra)]
+    return whole + (1 if unit_hash(seed, record_id) < copies - whole else 0)
+
+
+def in_validation(record_id: str, seed: int, validation_fraction: float) -> bool:
+    return unit_hash(seed + 1, record_id) < validation_fraction
+
+
+def draw_batch(batch: pa.Table, split: str, copies_by_source: dict[str, float], seed: int,
+               validation_fraction: float) -> pa.Table:
+    """The batch's records that belong to `split`, each repeated as often as the mixture draws it (train),
+    or once (validation), with a `copy` column numbering the repeats."""
+    take, copy = [], []
+    for row, (record_id, source) in enumerate(zip(batch["id"].to_pylist(), batch["source"].to_pylist())):
+        held_out = bool(validation_fraction) and in_validation(record_id, seed, validation_fraction)
+        if held_out != (split == "validation"):
+            continue
+        n = 1 if held_out else copies_drawn(record_id, copies_by_source[source], seed)
+        take += [row] * n
+        copy += range(n)
+    return batch.take(pa.array(take, pa.int64())).append_column("copy", pa.array(copy, pa.int64()))
+
+
+PACKED_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())), ("position_ids", pa.list_(pa.int64())),
+    ("num_examples", pa.int64()), ("num_target_tokens", pa.int64()), ("num_tokens", pa.int64()),
+    ("sources", pa.list_(pa.string())),
+])
+DROP_SCHEMA = pa.schema([("source", pa.string()), ("id", pa.string()), ("reason", pa.string())])
+# Records per tokenize-and-pack call: bins are packed within one batch, so larger batches pack fuller rows.
+TOKENIZE_BATCH_ROWS = 2048
 
 
 class TokenizeAndPack:
-    """Ray Data actor: holds the tokenizer; turns a batch of records into packed (or padded) rows."""
+    """Ray Data actor: holds the tokenizer; turns a batch of records into packed (or padded) rows.
 
-    def __init__(self, tokenizer_path: str, seq_len: int, truncation: str, pack: bool):
+    Outcome markers are added to the prompts first. Every row lists the source of each example in it.
+    Records that cannot be trained on (over max_length with truncation "drop", no assistant token left after
+    truncation) are written to `drops_dir` when it is given: one small Parquet file per batch, named by the
+    records in it, so a retried batch rewrites its own file rather than counting twice.
+    """
+
+    def __init__(self, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
+                 outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
+        self.outcome_markers, self.drops_dir = outcome_markers, drops_dir
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from instune.data.outcome import mark_outcome
         from instune.data.pack import pack, pad_one
         from instune.data.tokenize import Tokenized, tokenize_batch
 
         conversations = batch["messages"].to_pylist()
+        sources = batch["source"].to_pylist()
+        if self.outcome_markers is not None:
+            conversations = [mark_outcome(messages, metadata, self.outcome_markers)[0]
+                             for messages, metadata in zip(conversations, batch["metadata"].to_pylist())]
         results = tokenize_batch(conversations, self.tokenizer, self.seq_len, self.truncation)
-        examples = [(t.input_ids, t.labels) for t in results if isinstance(t, Tokenized)]
+        examples = [(t.input_ids, t.labels, source) for t, source in zip(results, sources) if isinstance(t, Tokenized)]
+        if len(examples) < len(results) and self.drops_dir:
+            self.write_drops(batch, results)
         pad_id = self.tokenizer.pad_token_id
         rows = pack(examples, self.seq_len, pad_id) if self.pack else \
-            [pad_one(i, l, self.seq_len, pad_id) for i, l in examples]
-        out = {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids", "num_examples",
-                                                 "num_target_tokens")}
-        out["dropped"] = [len(results) - len(examples)] + [0] * (len(rows) - 1) if rows else []
-        return out
+            [pad_one(ids, labels, self.seq_len, pad_id, source) for ids, labels, source in examples]
+        return pa.Table.from_pydict({k: [r[k] for r in rows] for k in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)
+
+    def write_drops(self, batch: pa.Table, results: list) -> None:
+        import pyarrow.parquet as pq
+
+        from instune.data.tokenize import Tokenized
+
+        copies = batch["copy"].to_pylist() if "copy" in batch.column_names else [0] * batch.num_rows
+        dropped = [(source, f"{record_id}#{copy}", str(result))
+                   for source, record_id, copy, result in zip(batch["source"].to_pylist(), batch["id"].to_pylist(),
+                                                              copies, results)
+                   if not isinstance(result, Tokenized)]
+        name = hashlib.blake2b("\n".join(sorted(d[1] for d in dropped)).encode(), digest_size=16).hexdigest()
+        os.makedirs(self.drops_dir, exist_ok=True)
+        partial = os.path.join(self.drops_dir, f".{name}.{os.getpid()}.partial")
+        pq.write_table(pa.Table.from_pylist([dict(zip(DROP_SCHEMA.names, d)) for d in dropped], schema=DROP_SCHEMA),
+                       partial)
+        os.replace(partial, os.path.join(self.drops_dir, f"{name}.parquet"))
 
 
 def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[str, float], *, size: int | None,
                       seed: int, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
-                      validation_fraction: float = 0.0, concurrency: int = 1):
-    """Phase 2, lazily: (train dataset, validation dataset or None, copies per source)."""
+                      validation_fraction: float = 0.0, concurrency: int = 1,
+                      outcome_markers: OutcomeMarkers | None = None, drops_dir: Path | None = None,
+                      batch_size: int = TOKENIZE_BATCH_ROWS):
+    """Phase 2, lazily: (train dataset, validation dataset or None, copies per source).
+
+    `size` is the size of the train mixture: with a validation split, copies are worked out over the records
+    outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
+    `drops_dir/<split>/`.
+    """
     import ray.data
 
+    if validation_fraction:
+        held_in = drawn_counts(filtered_dir, "train", dict.fromkeys(kept, 1.0), seed, validation_fraction)
+        kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
     records = ray.data.read_parquet(str(filtered_dir))
-    if validation_fraction:
-        validation = records.filter(lambda r: unit_hash(seed + 1, r["id"]) < validation_fraction)
-        records = records.filter(lambda r: unit_hash(seed + 1, r["id"]) >= validation_fraction)
-    mixed = records.flat_map(draw_copies, fn_kwargs={"copies_by_source": copies, "seed": seed})
-    # Shuffle before packing so bins mix sources; the local shuffle buffer keeps it streaming.
-    mixed = mixed.random_shuffle(seed=seed)
-    tokenize = dict(fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len,
-                                           "truncation": truncation, "pack": pack},
-                    batch_size=1024, concurrency=concurrency, batch_format="pyarrow")
-    train = mixed.map_batches(TokenizeAndPack, **tokenize)
-    val = validation.map_batches(TokenizeAndPack, **tokenize) if validation_fraction else None
-    return train, val, copies
+
+    def split(name: str):
+        drawn = records.map_batches(draw_batch, batch_format="pyarrow", fn_kwargs={
+            "split": name, "copies_by_source": copies, "seed": seed, "validation_fraction": validation_fraction})
+        if name == "train":
+            # A global shuffle, so bins mix sources and training sees them interleaved; Ray Data spills it to
+            # disk when it outgrows the object store.
+            drawn = drawn.random_shuffle(seed=seed)
+        return drawn.map_batches(
+            TokenizeAndPack, batch_size=batch_size, concurrency=concurrency, batch_format="pyarrow",
+            fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
+                                   "pack": pack, "outcome_markers": outcome_markers,
+                                   "drops_dir": str(drops_dir / name) if drops_dir else None})
+
+    return split("train"), split("validation") if validation_fraction else None, copies
+
+
+# ---------------------------------------------------------------- phase 2 accounting
+
+
+def _source_counts(batch: pa.Table) -> pa.Table:
+    counts = Counter(batch["source"].to_pylist())
+    return pa.table({"source": list(counts), "count": list(counts.values())})
+
+
+def drawn_counts(filtered_dir: Path, split: str, copies: dict[str, float], seed: int,
+                 validation_fraction: float) -> dict[str, int]:
+    """{source: records drawn into `split`}, from the ids alone (no messages are read, nothing tokenized)."""
+    import ray.data
+
+    from instune.data.dedup.exact import collect
+
+    counted = collect(ray.data.read_parquet(str(filtered_dir)).select_columns(["id", "source"])
+                      .map_batches(draw_batch, batch_format="pyarrow",
+                                   fn_kwargs={"split": split, "copies_by_source": copies, "seed": seed,
+                                              "validation_fraction": validation_fraction})
+                      .map_batches(_source_counts, batch_format="pyarrow"))
+    totals = Counter()
+    if counted is not None:
+        for source, n in zip(counted["source"].to_pylist(), counted["count"].to_pylist()):
+            totals[source] += n
+    return dict(totals)
+
+
+def _packed_summary(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    by_source = Counter(pc.list_flatten(batch["sources"]).to_pylist())
+    return pa.table({"rows": [batch.num_rows],
+                     "examples": [pc.sum(batch["num_examples"]).as_py() or 0],
+                     "target_tokens": [pc.sum(batch["num_target_tokens"]).as_py() or 0],
+                     "tokens": [pc.sum(batch["num_tokens"]).as_py() or 0],
+                     "by_source": [json.dumps(by_source)]})
+
+
+def packed_stats(split_dir: Path, seq_len: int) -> dict:
+    """Rows, examples, tokens, packing efficiency and examples per source of a written split."""
+    import ray.data
+
+    from instune.data.dedup.exact import collect
+
+    stats = {"rows": 0, "examples": 0, "target_tokens": 0, "tokens": 0}
+    by_source = Counter()
+    if split_dir.exists():
+        columns = ["num_examples", "num_target_tokens", "num_tokens", "sources"]
+        summary = collect(ray.data.read_parquet(str(split_dir)).select_columns(columns)
+                          .map_batches(_packed_summary, batch_format="pyarrow"))
+        if summary is not None:
+            for key in stats:
+                stats[key] = int(sum(summary[key].to_pylist()))
+            for counts in summary["by_source"].to_pylist():
+                by_source.update(json.loads(counts))
+    stats["packing_efficiency"] = round(stats["tokens"] / (stats["rows"] * seq_len), 4) if stats["rows"] else 0.0
+    stats["examples_by_source"] = dict(by_source)
+    return stats
+
+
+def dropped_counts(drops_dir: Path) -> dict[str, list[dict]]:
+    """{source: [{reason (a kind), count, example_reason}]} from the drop files of one split."""
+    import pyarrow.dataset as pads
+
+    kinds: dict[tuple[str, str], list] = {}
+    if drops_dir.exists() and any(drops_dir.glob("*.parquet")):
+        table = pads.dataset(str(drops_dir), format="parquet").to_table(columns=["source", "reason"])
+        for source, reason in zip(table["source"].to_pylist(), table["reason"].to_pylist()):
+            entry = kinds.setdefault((source, reason_kind("tokenize", reason)), [0, reason])
+            entry[0] += 1
+    out: dict[str, list[dict]] = {}
+    for (source, kind), (count, example) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        out.setdefault(source, []).append({"reason": kind, "count": count, "example_reason": example})
+    return out
+
+
+def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, dict]:
+    """Phase 2 into `out_dir/train` (and `validation`): (per-split stats, copies per record per source).
+
+    Checks that every record drawn into a split was packed or dropped at tokenization, per source.
+    """
+    train, validation, copies = mix_tokenize_pack(out_dir / "filtered", kept, drops_dir=out_dir / "dropped", **mix)
+    train.write_parquet(str(out_dir / "train"))
+    if validation is not None:
+        validation.write_parquet(str(out_dir / "validation"))
+    splits = {}
+    for name in ("train", "validation") if validation is not None else ("train",):
+        stats = packed_stats(out_dir / name, mix["seq_len"])
+        stats["drawn"] = drawn_counts(out_dir / "filtered", name, copies, mix["seed"], mix["validation_fraction"])
+        stats["dropped"] = dropped_counts(out_dir / "dropped" / name)
+        stats["dropped_total"] = sum(k["count"] for kinds in stats["dropped"].values() for k in kinds)
+        for source, drawn in stats["drawn"].items():
+            packed = stats["examples_by_source"].get(source, 0)
+            dropped = sum(k["count"] for k in stats["dropped"].get(source, []))
+            assert drawn == packed + dropped, \
+                f"{name} split, source {source}: drawn {drawn} != packed {packed} + dropped at tokenization {dropped}"
+        splits[name] = stats
+    return splits, copies
+
+
+def phase2_line(splits: dict, seq_len: int, seconds: float) -> str:
+    parts = []
+    for name, s in splits.items():
+        drawn = sum(s["drawn"].values())
+        parts.append(f"{name} {drawn} drawn -> {s['examples']} examples in {s['rows']} rows of {seq_len} tokens "
+                     f"({s['packing_efficiency']:.0%} full), {s['dropped_total']} dropped at tokenization")
+    return f"[prepare] phase 2 (mix, tokenize, pack): {'; '.join(parts)} in {seconds:.1f} s"
+
+
+def _outcome_counts(batch: pa.Table, field: str) -> pa.Table:
+    from instune.data.outcome import outcome_of
+
+    counts = Counter((source, outcome_of(json.loads(metadata) if metadata else {}, field) or "unlabelled")
+                     for source, metadata in zip(batch["source"].to_pylist(), batch["metadata"].to_pylist()))
+    return pa.table({"source": [k[0] for k in counts], "outcome": [k[1] for k in counts],
+                     "count": list(counts.values())})
+
+
+def outcome_counts(filtered_dir: Path, field: str) -> dict[str, dict[str, int]]:
+    """{source: {success, failure, unlabelled}} over the kept records, as the outcome markers will read them."""
+    import ray.data
+
+    from instune.data.dedup.exact import collect
+
+    counted = collect(ray.data.read_parquet(str(filtered_dir)).select_columns(["source", "metadata"])
+                      .map_batches(_outcome_counts, fn_kwargs={"field": field}, batch_format="pyarrow"))
+    out: dict[str, dict[str, int]] = {}
+    if counted is not None:
+        for source, outcome, n in zip(*(counted[c].to_pylist() for c in ("source", "outcome", "count"))):
+            counts = out.setdefault(source, {"success": 0, "failure": 0, "unlabelled": 0})
+            counts[outcome] += n
+    return out
+
+
+# ---------------------------------------------------------------- entry points
 
 
 def token_counter(tokenizer_path: str, filters):
@@ -266,52 +562,116 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(config, tokenizer_path: str, data_dir: Path, eval_texts: list[str] = ()) -> dict:
-    """Run both phases into `data_dir` (written whole, then renamed); return the manifest."""
-    import ray.data
+def score_arguments(score, model_path: str | None, tokenizer_path: str, max_length: int) -> dict:
+    """Keyword arguments of `score.score_dataset` from `data.score`; the model defaults to the run's base model."""
+    if score.model_path:
+        from instune.base_model import check_model_dir
+
+        path = str(check_model_dir(score.model_path, "data.score.model_path"))
+        if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise UserError(f"data.score.model_path: {score.model_path} has no tokenizer files "
+                            "(tokenizer.json or tokenizer_config.json)")
+        tokenizer = path
+    elif model_path:
+        path, tokenizer = model_path, tokenizer_path
+    else:
+        raise UserError("data.score.model_path: not set, and no base model was given to score with")
+    return {"model_path": path, "tokenizer_path": tokenizer, "metric": score.metric, "max_length": max_length,
+            "batch_size": score.batch_size, "num_actors": score.num_actors, "min_score": score.min_score,
+            "max_score": score.max_score, "top_fraction": score.top_fraction, "keep": score.keep}
+
+
+def phase2_arguments(config, tokenizer_path: str) -> dict:
+    """Keyword arguments of `mix_tokenize_pack` (but the directory and kept counts) from the config."""
+    d = config.data
+    markers = OutcomeMarkers(**d.outcome_markers.model_dump()) if d.outcome_markers is not None else None
+    return {"weights": {s.name: s.weight for s in d.sources}, "size": d.mix_size, "seed": d.seed,
+            "tokenizer_path": tokenizer_path, "seq_len": config.model.max_length, "truncation": d.truncation,
+            "pack": d.pack, "validation_fraction": d.validation_fraction, "outcome_markers": markers}
+
+
+def most_common_rejects(counts: dict, limit: int = 3) -> str:
+    kinds = Counter()
+    for c in counts.values():
+        for r in c["rejects"]:
+            kinds[(r["stage"], r["reason"])] += r["count"]
+    return "; ".join(f"{stage}: {reason} ({n})" for (stage, reason), n in kinds.most_common(limit)) or "none"
+
+
+def prepare(config, tokenizer_path: str, data_dir: Path, eval_texts: list[str] = (),
+            model_path: str | None = None) -> dict:
+    """Run both phases into `data_dir` (written whole with its report, then renamed); return the manifest.
+
+    `model_path` (the run's base model) is the default reference model of `data.score`. With `data.stream`
+    phase 2 is left to training (`stream_train_data`), and only `filtered/`, `quarantine/` and the manifest
+    are written.
+    """
+    from instune.data.report import write_data_report
 
     d = config.data
     sources = plan_sources(d.sources)
+    scoring = score_arguments(d.score, model_path, tokenizer_path, config.model.max_length) if d.score else None
+    mix = phase2_arguments(config, tokenizer_path)
+    files = sum(len(s.files) for s in sources)
     started = time.time()
     with atomic_dir(data_dir) as tmp:
-        print(f"[prepare] reading {sum(len(s.files) for s in sources)} files from {len(sources)} sources",
-              flush=True)
+        print(f"[prepare] phase 1: reading {files} files from {len(sources)} sources", flush=True)
         checks = build_checks(d.filters, token_counter(tokenizer_path, d.filters), eval_texts)
-        counts = filter_and_split(sources, d, tmp, checks)
+        counts = filter_and_split(sources, d, tmp, checks, scoring)
+        print(phase1_line(counts, files, time.time() - started), flush=True)
         kept = {s: c["kept"] for s, c in counts.items()}
-        weights = {s.name: s.weight for s in d.sources}
-        train, val, copies = mix_tokenize_pack(
-            tmp / "filtered", kept, weights, size=d.mix_size, seed=d.seed, tokenizer_path=tokenizer_path,
-            seq_len=config.model.max_length, truncation=d.truncation, pack=d.pack,
-            validation_fraction=d.validation_fraction)
-        train.write_parquet(str(tmp / "train"))
-        if val is not None:
-            val.write_parquet(str(tmp / "validation"))
-        stats = {}
-        for split in ("train", "validation"):
-            if (tmp / split).exists():
-                ds = ray.data.read_parquet(str(tmp / split))
-                stats[split] = {
-                    "rows": ds.count(),
-                    "examples": int(ds.sum("num_examples") or 0),
-                    "target_tokens": int(ds.sum("num_target_tokens") or 0),
-                    "dropped_too_long": int(ds.sum("dropped") or 0),
-                }
-        if not stats.get("train", {}).get("rows"):
-            raise UserError("data: no training examples left after reading and filtering "
-                            f"(see {data_dir}/quarantine for why records were rejected)")
+        if not sum(kept.values()):
+            raise UserError(f"data: no records left after reading and filtering; most rejects: "
+                            f"{most_common_rejects(counts)}")
+        splits, copies = {}, mixture_copies(kept, mix["weights"], mix["size"])
+        if d.stream:
+            print("[prepare] phase 2 left to training (data.stream: true)", flush=True)
+        else:
+            phase2_started = time.time()
+            splits, copies = write_splits(tmp, kept, mix)
+            print(phase2_line(splits, mix["seq_len"], time.time() - phase2_started), flush=True)
+            if not splits["train"]["rows"]:
+                reasons = {k["reason"] for kinds in splits["train"]["dropped"].values() for k in kinds}
+                raise UserError(f"data: every record drawn for training was dropped at tokenization "
+                                f"({'; '.join(sorted(reasons))}); raise model.max_length or set data.truncation: truncate")
+        realised = splits.get("train", {}).get("examples_by_source", {})
+        realised_total = sum(realised.values())
         manifest = {
             "config": config.model_dump(mode="json"),
             "sources": counts,
-            "mixture": {"weights": weights, "copies_per_record": copies},
-            "splits": stats,
+            "mixture": {
+                "weights": mix["weights"],
+                "copies_per_record": copies,
+                "requested": requested_fractions(kept, mix["weights"], mix["size"]),
+                "realised": {s: {"examples": realised.get(s, 0),
+                                 "fraction": round(realised.get(s, 0) / realised_total, 6) if realised_total else 0.0}
+                             for s in kept},
+            },
+            "splits": splits,
+            "streamed": d.stream,
             "seq_len": config.model.max_length,
             "tokenizer_path": tokenizer_path,
-            "files": {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*.parquet"))},
-            "seconds": round(time.time() - started, 1),
         }
+        if d.outcome_markers is not None:
+            manifest["outcomes"] = outcome_counts(tmp / "filtered", d.outcome_markers.field)
+        manifest["files"] = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*.parquet"))}
+        manifest["seconds"] = round(time.time() - started, 1)
+        report = write_data_report(tmp, manifest, detect_languages=d.filters.language is not None, seed=d.seed)
+        manifest["report"] = str(report.relative_to(tmp))
         write_json(tmp / MANIFEST, manifest)
+    print(f"[prepare] wrote {data_dir} (report: {data_dir / manifest['report']}) in {manifest['seconds']:.1f} s",
+          flush=True)
     return manifest
+
+
+def stream_train_data(config, tokenizer_path: str, data_dir: Path):
+    """(train dataset, validation dataset or None): phase 2 over `data_dir/filtered`, lazily, for training to
+    consume as it runs; nothing is written. The mixture, markers and packing come from `config`."""
+    manifest = load_manifest(data_dir)
+    kept = {s: c["kept"] for s, c in manifest["sources"].items()}
+    train, validation, _ = mix_tokenize_pack(Path(data_dir) / "filtered", kept,
+                                             **phase2_arguments(config, tokenizer_path))
+    return train, validation
 
 
 def load_manifest(data_dir: Path) -> dict:

@@ -6,11 +6,13 @@ else — model, method, optimizer, loss, checkpoint contents — is here, read t
 Loss normalisation: each optimizer step's loss is the sum of token losses over every target token of every
 micro-batch on every worker, divided by the global count of those tokens. Gradients are therefore the same
 whether the examples are spread over 1 worker or 8, with or without accumulation (a mean of per-batch means
-would weight a short batch's tokens more).
+would weight a short batch's tokens more). Both engines average gradients over workers, so each worker
+scales its loss by the world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -25,12 +27,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from instune.data.tokenize import IGNORE_INDEX
-from instune.train.methods import MethodSettings, apply_method, count_parameters
+from instune.train import lisa
+from instune.train.checkpoint import load_checkpoint, save_checkpoint
+from instune.train.methods import PEFT_METHODS, MethodSettings, add_head_dropout, apply_method, count_parameters
 from instune.train.metrics import flops_per_token, peak_flops, peak_memory_bytes
-from instune.train.strategies.ddp import DDPEngine
 
-STATE_FILE = "trainer_state.pt"
-MODEL_DIR = "model"
+# Fault injection for the resume tests: a file holding a step number; the last rank deletes it and dies
+# when it reaches that step, once. Unset in real runs.
+CRASH_MARKER_ENV = "INSTUNE_CRASH_MARKER"
+# Ray Train's controller collects reports at its health checks (every 2 s); a worker that dies sooner
+# takes its queued reports with it, so the test crash waits until the earlier reports are collected.
+CRASH_DELAY_S = 5.0
 
 
 @dataclass
@@ -42,6 +49,7 @@ class LoopSettings:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
     micro_batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
@@ -52,6 +60,17 @@ class LoopSettings:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     use_gpu: bool = False
+    # More datasets (by name) whose loss is reported as `eval_loss/<name>` at each eval: a sweep's
+    # per-domain eval sets, so a scheduler can compare trials in- and out-of-domain while they train.
+    eval_datasets: list[str] = field(default_factory=list)
+    # Dropout on the hidden state entering the LM head; 0 turns it off (see methods.add_head_dropout).
+    head_dropout: float = 0.0
+    strategy: str = "ddp"
+    # DeepSpeed only; `deepspeed` holds raw config keys merged over the built config.
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +109,10 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the target tokens of one batch."""
+    length = batch["input_ids"].size(1)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    # Prompt tuning prepends its virtual tokens' logits; only the last `length` positions are the batch's.
+    logits = logits[:, -length:]
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
         batch["labels"][:, 1:].reshape(-1),
@@ -117,91 +139,147 @@ def endless_batches(session, micro_batch_size: int, skip: int):
         epoch += 1
 
 
-def evaluate_loss(model, session, micro_batch_size: int, device) -> float:
-    """Token-weighted loss over this run's validation data, across all workers."""
+def evaluate_loss(model, session, micro_batch_size: int, device, autocast,
+                  name: str = "validation") -> float:
+    """Token-weighted loss over the dataset `name` (this run's validation data), across all workers."""
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in session.batches("validation", micro_batch_size, 0):
+        for batch in session.batches(name, micro_batch_size, 0):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss_sum += float(token_loss_sum(model, batch))
+            with autocast():
+                loss_sum += float(token_loss_sum(model, batch))
             tokens += count_targets(batch)
     model.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
     return loss_sum / max(tokens, 1)
 
 
-def save_checkpoint(directory: Path, model, engine, step: int, micro_batches_done: int) -> None:
-    model.save_pretrained(str(directory / MODEL_DIR), safe_serialization=True)
-    torch.save({
-        "step": step,
-        "micro_batches_done": micro_batches_done,
-        "engine": engine.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-    }, directory / STATE_FILE)
-
-
-def load_checkpoint(directory: Path, model, engine) -> tuple[int, int]:
-    """Restore weights, optimizer, scheduler and RNG; return (step, micro-batches consumed)."""
-    from safetensors.torch import load_file
-
-    weights_dir = directory / MODEL_DIR
-    files = sorted(weights_dir.glob("*.safetensors"))
-    assert files, f"checkpoint {directory} has no weights"
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(weights_dir / "adapter_model.safetensors")))
-    else:
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        model.load_state_dict(state, strict=False)
-    # weights_only=False: the RNG state holds numpy objects; the file is one this loop wrote itself.
-    state = torch.load(directory / STATE_FILE, weights_only=False)
-    engine.load_state_dict(state["engine"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    return state["step"], state["micro_batches_done"]
-
-
-def run_training(settings: LoopSettings, session) -> None:
-    """Train for `settings.total_steps` optimizer steps, reporting through `session`."""
+def build_model(settings: LoopSettings, device):
+    """The base model with the method applied, on `device`; identical on every worker (same seed)."""
     from transformers import AutoModelForCausalLM
 
-    seed_everything(settings.seed)
-    device = torch.device(f"cuda:{session.local_rank}") if settings.use_gpu and torch.cuda.is_available() \
-        else torch.device("cpu")
-    dtype = getattr(torch, settings.dtype)
+    # Under DDP, low-precision runs keep fp32 master weights for whatever trains and use autocast; a PEFT
+    # method's frozen base stays in low precision (PEFT keeps its adapter weights in fp32). DeepSpeed
+    # keeps its own fp32 master copy, so it gets the low-precision model.
+    low_precision_base = settings.strategy == "deepspeed" or settings.method.method in PEFT_METHODS
+    dtype = getattr(torch, settings.dtype) if low_precision_base else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         settings.model_path, dtype=dtype, attn_implementation=settings.attn_implementation)
     model.config.use_cache = False
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        if settings.method.method != "full":
+        if settings.method.method in PEFT_METHODS:
             model.enable_input_require_grads()
-    model = apply_method(model, settings.method).to(device)
-    trainable, total = count_parameters(model)
+    model = apply_method(model, settings.method)
+    if settings.head_dropout:
+        add_head_dropout(model, settings.head_dropout)
+    return model.to(device)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(settings.total_steps, settings.warmup_ratio))
-    engine = DDPEngine(model, optimizer, scheduler, settings.max_grad_norm)
+
+def make_optimizer(params, settings: LoopSettings, cpu_adam: bool):
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=settings.lr, weight_decay=settings.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def make_engine(model, settings: LoopSettings):
+    """The strategy's engine around a fresh optimizer and warmup+cosine schedule."""
+    from instune.train.strategies.ddp import DDPEngine
+
+    # LISA's optimizer sees every weight; frozen ones have no gradient, so no state and no update.
+    params = list(model.parameters()) if settings.method.method == "lisa" else \
+        [p for p in model.parameters() if p.requires_grad]
+    ds_config = None
+    if settings.strategy == "deepspeed":
+        from instune.train.strategies.deepspeed import deepspeed_config, uses_cpu_adam
+
+        ds_config = deepspeed_config(
+            zero_stage=settings.zero_stage, offload_optimizer=settings.offload_optimizer,
+            offload_params=settings.offload_params, micro_batch_size=settings.micro_batch_size,
+            grad_accum=settings.grad_accum, max_grad_norm=settings.max_grad_norm, dtype=settings.dtype,
+            pin_memory=settings.use_gpu, extra=settings.deepspeed)
+    optimizer = make_optimizer(params, settings, cpu_adam=bool(ds_config) and uses_cpu_adam(ds_config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.total_steps,
+                                                                           settings.warmup_ratio))
+    if settings.method.method == "lisa":
+        # Before the engine wraps the model, so DDP registers only the first period's layers.
+        lisa.set_active_layers(model, lisa_layers_for(0, model, settings), optimizer)
+    if ds_config is None:
+        return DDPEngine(model, optimizer, scheduler, settings.max_grad_norm)
+    from instune.train.strategies.deepspeed import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, optimizer, scheduler, ds_config)
+
+
+def lisa_layers_for(period: int, model, settings: LoopSettings) -> list[int]:
+    num_layers = len(lisa.decoder_layers(model))
+    return lisa.active_layers(period, num_layers, settings.method.lisa_layers, settings.seed)
+
+
+def follow_schedule(scheduler, lr: float, step: int) -> None:
+    """Set the learning rate to this run's schedule at `step`. A checkpoint carries the rate of the run that
+    wrote it, which is 0 at its last step and follows its own total_steps; a resumed run may train longer."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(step)
+
+
+def crash_if_marked(step: int, rank: int, world_size: int) -> None:
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if marker and rank == world_size - 1 and os.path.isfile(marker):
+        with open(marker) as f:
+            if int(f.read().strip()) == step:
+                os.remove(marker)
+                time.sleep(CRASH_DELAY_S)
+                os._exit(1)
+
+
+def run_training(settings: LoopSettings, session) -> None:
+    """Train for `settings.total_steps` optimizer steps, reporting through `session`."""
+    seed_everything(settings.seed)
+    device = torch.device(f"cuda:{session.local_rank}") if settings.use_gpu and torch.cuda.is_available() \
+        else torch.device("cpu")
+    compute_dtype = getattr(torch, settings.dtype)
+    use_autocast = settings.strategy == "ddp" and compute_dtype != torch.float32
+
+    def autocast():
+        return torch.autocast(device.type, dtype=compute_dtype) if use_autocast else contextlib.nullcontext()
+
+    model = build_model(settings, device)
+    trainable, total = count_parameters(model)  # before ZeRO-3 partitions the parameters
+    engine = make_engine(model, settings)
+    if settings.method.method == "lisa":
+        trainable, _ = count_parameters(model)  # the layers of one period
+    rank, world = session.world_rank, session.world_size
+    # Same weights everywhere, different dropout masks per worker.
+    torch.manual_seed(settings.seed + 1000 * rank)
 
     step, micro_done = 0, 0
     with session.latest_checkpoint() as checkpoint_dir:
         if checkpoint_dir is not None:
-            step, micro_done = load_checkpoint(Path(checkpoint_dir), model, engine)
+            step, micro_done = load_checkpoint(Path(checkpoint_dir), engine, rank,
+                                               deepspeed=settings.strategy == "deepspeed")
+            follow_schedule(engine.scheduler, settings.lr, step)
     batches = endless_batches(session, settings.micro_batch_size, skip=micro_done)
+    lisa_period = 0
 
-    world = session.world_size
-    per_token_flops = flops_per_token(total, trainable, settings.method.method == "full")
-    device_peak = peak_flops(device, dtype)
-    window_tokens, window_start = 0.0, time.perf_counter()
+    per_token_flops = flops_per_token(total, trainable, settings.method.method in ("full", "lisa"))
+    device_peak = peak_flops(device, compute_dtype)
+    window_tokens, window_targets, window_start = 0.0, 0.0, time.perf_counter()
+    loop_start = window_start
     model.train()
     while step < settings.total_steps:
+        crash_if_marked(step + 1, rank, world)
+        if settings.method.method == "lisa" and step // settings.method.lisa_period != lisa_period:
+            lisa_period = step // settings.method.lisa_period
+            lisa.set_active_layers(engine.module, lisa_layers_for(lisa_period, engine.module, settings),
+                                   engine.optimizer)
+            engine.trainable_changed()
         micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(settings.grad_accum)]
         micro_done += settings.grad_accum
         local_targets = sum(count_targets(b) for b in micro)
@@ -210,40 +288,52 @@ def run_training(settings: LoopSettings, session) -> None:
         loss_sum_local = 0.0
         for i, batch in enumerate(micro):
             with engine.no_sync(skip=i < len(micro) - 1):
-                loss_sum = token_loss_sum(engine.model, batch)
-                # DDP averages gradients over workers, so scale by world size to get the global token mean.
+                with autocast():
+                    loss_sum = token_loss_sum(engine.model, batch)
                 engine.backward(loss_sum * world / max(global_targets, 1))
             loss_sum_local += float(loss_sum.detach())
-        lr = scheduler.get_last_lr()[0]
+        lr = engine.scheduler.optimizer.param_groups[0]["lr"]
         grad_norm = engine.step()
         step += 1
         loss_sum_all, tokens_all = all_reduce_sum([loss_sum_local, local_real], device)
         window_tokens += tokens_all
+        window_targets += global_targets
 
         last = step == settings.total_steps
-        if step % settings.log_every and not last:
+        save = last or bool(settings.checkpoint_every and step % settings.checkpoint_every == 0)
+        if step % settings.log_every and not save:
             continue
-        elapsed = time.perf_counter() - window_start
-        tokens_per_second = window_tokens / max(elapsed, 1e-9)
+        now = time.perf_counter()
+        # Training time only: eval, checkpoint and report time of the previous window is not counted.
+        seconds = max(now - window_start, 1e-9)
+        tokens_per_second = window_tokens / seconds
         metrics = {
             "step": step,
+            "elapsed_s": now - loop_start,  # this worker's wall time since its loop started (after loading)
             "loss": loss_sum_all / max(global_targets, 1),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_second": tokens_per_second,
+            "tokens_per_second": tokens_per_second,  # every position computed, padding included
+            "target_tokens_per_second": window_targets / seconds,
             "peak_memory_mb": peak_memory_bytes(device) / 2**20,
             "trainable_params": trainable,
             "total_params": total,
         }
         if device_peak:
             metrics["mfu"] = tokens_per_second * per_token_flops / (device_peak * world)
-        if settings.eval_every and (step % settings.eval_every == 0 or last) and session.has("validation"):
-            metrics["eval_loss"] = evaluate_loss(engine.module, session, settings.micro_batch_size, device)
-        save = last or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
-        if save and session.world_rank == 0:
+        # Checkpoints are scored by eval_loss, so every checkpoint step evaluates too.
+        if settings.eval_every and (step % settings.eval_every == 0 or save):
+            if session.has("validation"):
+                metrics["eval_loss"] = evaluate_loss(engine.module, session, settings.micro_batch_size, device,
+                                                     autocast)
+            for name in settings.eval_datasets:
+                metrics[f"eval_loss/{name}"] = evaluate_loss(engine.module, session, settings.micro_batch_size,
+                                                             device, autocast, name)
+        if save:
             with tempfile.TemporaryDirectory(prefix="instune-ckpt-") as tmp:
-                save_checkpoint(Path(tmp), model, engine, step, micro_done)
+                save_checkpoint(Path(tmp), engine, settings.method, step=step, micro_batches_done=micro_done,
+                                rank=rank, world_size=world)
                 session.report(metrics, Path(tmp))
         else:
             session.report(metrics, None)
-        window_tokens, window_start = 0.0, time.perf_counter()
+        window_tokens, window_targets, window_start = 0.0, 0.0, time.perf_counter()

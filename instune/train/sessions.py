@@ -49,6 +49,8 @@ class RaySession:
             yield to_tensors(batch)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        # Every rank passes its part of the checkpoint; Ray Train merges them into one directory in storage
+        # and registers it only once all parts are persisted.
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
 
@@ -65,16 +67,17 @@ class RaySession:
 class FileSession:
     """Under torchrun (or a single plain process): Parquet files split by rank, metrics as JSON lines.
 
-    Checkpoints go to `output_dir/checkpoints/step-N`, written to a temporary name and renamed.
+    Checkpoints go to `output_dir/checkpoints/step-N`: every rank copies its part into `step-N.partial`,
+    then rank 0 renames it, so a directory named `step-N` is always complete. The newest `keep` are kept.
     """
 
-    def __init__(self, datasets: dict[str, list[str]], output_dir: str, seed: int = 0):
+    def __init__(self, datasets: dict[str, list[str]], output_dir: str, seed: int = 0, keep: int = 2):
         import torch.distributed as dist
 
         self.world_rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.datasets, self.output_dir, self.seed = datasets, Path(output_dir), seed
+        self.datasets, self.output_dir, self.seed, self.keep = datasets, Path(output_dir), seed, keep
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def has(self, name: str) -> bool:
@@ -95,19 +98,37 @@ class FileSession:
             chunk = table.take(mine[start:start + batch_size]).to_pydict()
             yield {k: torch.tensor(chunk[k], dtype=torch.long) for k in COLUMNS}
 
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        if self.world_rank != 0:
+        if self.world_rank == 0:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir is None:
             return
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if checkpoint_dir is not None:
-            final = self.output_dir / "checkpoints" / f"step-{metrics['step']:08d}"
-            tmp = final.with_name(final.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, tmp)
-            os.replace(tmp, final)
+        final = self.output_dir / "checkpoints" / f"step-{metrics['step']:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.world_rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        self._barrier()
+        shutil.copytree(checkpoint_dir, partial, dirs_exist_ok=True)
+        self._barrier()
+        if self.world_rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self._done()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def _done(self) -> list[Path]:
+        return sorted((self.output_dir / "checkpoints").glob("step-[0-9]*[0-9]"))
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        done = sorted((self.output_dir / "checkpoints").glob("step-[0-9]*[0-9]"))
+        done = self._done()
         yield done[-1] if done else None

@@ -2,45 +2,54 @@
 
 The per-worker loop is `loop.run_training`; Ray adds scale around it (ScalingConfig, dataset shards,
 checkpoints to `storage_path`, FailureConfig restarts) rather than inside it.
+
+Resume: Ray Train V2 keeps a snapshot of the reported checkpoints in `storage_path/name`. A worker that dies
+is replaced and the group restarts from the latest checkpoint (up to `max_failures` times); a run started
+again with the same storage path and name (the same output_dir) restores that snapshot and continues from
+its latest checkpoint, so an interrupted `instune train` is resumed by running it again.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from instune.atomic import atomic_dir
 from instune.errors import UserError
-from instune.train.loop import MODEL_DIR, LoopSettings, run_training
+from instune.train.export import export_model  # noqa: F401  (the driver's export step lives beside it)
+from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
 class TrainOutputs:
-    adapter_dir: Path  # what was trained: a PEFT adapter, or the full model for method "full"
-    merged_dir: Path  # a full HF model directory transformers loads and generates with
+    adapter_dir: Path  # what was trained: a PEFT adapter, BitFit's biases, or the full model
+    merged_dir: Path | None  # a full HF model directory; None for prefix/prompt tuning (nothing to merge)
     metrics_file: Path
     final_metrics: dict
 
 
 def loop_settings(config, model_path: str, total_steps: int) -> LoopSettings:
     """Plain per-worker settings from the validated config."""
-    t, p, m = config.train, config.peft, config.model
+    t, p, m, s = config.train, config.peft, config.model, config.strategy
     return LoopSettings(
         model_path=model_path,
         total_steps=total_steps,
         method=MethodSettings(method=p.method, r=p.r, alpha=p.alpha, dropout=p.dropout,
                               target_modules=p.target_modules, use_rslora=p.use_rslora, use_dora=p.use_dora,
-                              modules_to_save=list(p.modules_to_save)),
+                              modules_to_save=list(p.modules_to_save), num_virtual_tokens=p.num_virtual_tokens,
+                              lisa_layers=p.lisa_layers, lisa_period=p.lisa_period),
         lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
-        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed, log_every=t.log_every,
+        optimizer=t.optimizer, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
+        log_every=t.log_every, eval_every=t.eval_every or t.log_every, checkpoint_every=t.checkpoint_every,
         dtype=m.dtype, attn_implementation=m.attn_implementation,
         gradient_checkpointing=m.gradient_checkpointing, use_gpu=config.scaling.use_gpu,
+        head_dropout=t.head_dropout, strategy=s.name, zero_stage=s.zero_stage,
+        offload_optimizer=s.offload_optimizer, offload_params=s.offload_params, deepspeed=dict(s.deepspeed),
     )
 
 
@@ -61,19 +70,30 @@ def ray_worker_entry(settings: dict) -> None:
     run_training(LoopSettings.from_dict(settings), RaySession())
 
 
-def make_metrics_callback(metrics_file: Path, total_steps: int):
-    """A Ray Train callback (runs in the controller) that appends metrics and prints one progress line."""
+def make_metrics_callback(metrics_file: Path, total_steps: int, tensorboard_dir: Path | None = None):
+    """A Ray Train callback (runs in the controller) that appends metrics to `metrics_file`, writes them to
+    TensorBoard under `tensorboard_dir`, and prints one progress line."""
     import ray.train
 
     class MetricsToFile(ray.train.UserCallback):
         def __init__(self):
             self.start = time.time()
+            self.writer = None
 
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0])
             m["time_s"] = round(time.time() - self.start, 2)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(m) + "\n")
+            if tensorboard_dir is not None:
+                if self.writer is None:
+                    from tensorboardX import SummaryWriter
+
+                    self.writer = SummaryWriter(str(tensorboard_dir))
+                for name, value in m.items():
+                    if name != "step" and isinstance(value, (int, float)):
+                        self.writer.add_scalar(name, value, m["step"])
+                self.writer.flush()
             extra = f" eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
             print(f"[train] step {m['step']}/{total_steps} loss {m['loss']:.4f}{extra} "
                   f"lr {m['lr']:.2e} tok/s {m['tokens_per_second']:.0f}", flush=True)
@@ -83,17 +103,29 @@ def make_metrics_callback(metrics_file: Path, total_steps: int):
 
 def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int, use_gpu: bool,
                      cpus_per_worker: float, gpus_per_worker: float, placement_strategy: str,
-                     storage_dir: Path, run_name: str, max_failures: int = 0):
-    """Run TorchTrainer on the given Ray Datasets; returns Ray's Result."""
+                     storage_dir: Path, run_name: str, max_failures: int = 0, callbacks: tuple = (),
+                     keep_checkpoints: int = 2):
+    """Run TorchTrainer on the given Ray Datasets; returns (Ray's Result, the metrics file).
+
+    `callbacks`: more Ray Train UserCallbacks (a sweep's report to Tune). Checkpoints kept: the
+    `keep_checkpoints` best by eval_loss when there is validation data, else the latest (Ray always keeps
+    the latest too, for resume). Raises UserError, before any worker starts, when the cluster cannot place
+    the workers or `storage_dir/run_name` holds checkpoints this run cannot resume from.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = storage_dir / run_name / METRICS_FILE
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    from instune.train.checks import check_cluster_fits, check_resume_dir
+
+    check_cluster_fits(num_workers, cpus_per_worker, gpus_per_worker, use_gpu)
+    run_dir = storage_dir / run_name
+    check_resume_dir(run_dir, settings.method, settings.strategy, num_workers)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = run_dir / METRICS_FILE
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker or 1
+    scored = "validation" in datasets and bool(settings.eval_every)
     trainer = TorchTrainer(
         ray_worker_entry,
         train_loop_config=settings.to_dict(),
@@ -104,32 +136,13 @@ def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int
             name=run_name,
             storage_path=str(storage_dir.resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[make_metrics_callback(metrics_file, settings.total_steps)],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if scored else None,
+                checkpoint_score_order="min"),
+            callbacks=[make_metrics_callback(metrics_file, settings.total_steps, run_dir / TENSORBOARD_DIR),
+                       *callbacks],
         ),
         datasets=datasets,
     )
     return trainer.fit(), metrics_file
-
-
-def export_model(checkpoint_dir: Path, base_model_path: str, tokenizer_path: str, method: str,
-                 output_dir: Path) -> tuple[Path, Path]:
-    """Copy the trained weights out of the checkpoint and write a merged full model; both atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    adapter_dir, merged_dir = output_dir / "adapter", output_dir / "merged"
-    with atomic_dir(adapter_dir) as tmp:
-        shutil.copytree(checkpoint_dir / MODEL_DIR, tmp, dirs_exist_ok=True)
-        tokenizer.save_pretrained(str(tmp))
-    if method == "full":
-        model = AutoModelForCausalLM.from_pretrained(str(adapter_dir))
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(base_model_path)
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    with atomic_dir(merged_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-    return adapter_dir, merged_dir

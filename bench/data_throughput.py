@@ -1,0 +1,295 @@
+"""Data stage benchmark: end-to-end `prepare` against a bare batch tokenizer, memory growth, dedup scaling.
+
+    python bench/data_throughput.py [--mb 50] [--workdir /tmp/instune-data-bench] [--object-store-mb 1024]
+
+Writes a ShareGPT-like JSONL corpus of `--mb` megabytes (N) and one four times larger (4N: the same files plus
+three times as many more), with exact and near duplicates across files. Then, on the same cores:
+
+  * the baseline: the run's tokenizer on the same conversations (chat template rendered first, not timed),
+    in batches of 1,000, one process using every core (the Rust tokenizer's own threads);
+  * `prepare` on N and on 4N, each in a fresh process with its own local Ray cluster, while a thread samples
+    the proportional set size (PSS: shared pages split between the processes that map them) of that
+    process and all its children (raylet, GCS, Ray workers); RSS where PSS is unreadable;
+  * MinHash LSH near-dedup alone on the records of N and of 4N.
+
+The object store is capped at the same size for both runs (`--object-store-mb`), as on any real node: what
+does not fit spills to disk, so memory tracks the cap and the per-worker working sets, not the corpus.
+Prints one table; targets: throughput ratio >= 0.8, peak memory 4N/N <= 1.3, near-dedup time 4N/N <= 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE_MB = 6.25  # N = 8 files at 50 MB; each run reads one file per Ray task
+VOCABULARY_SIZE = 3000
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def vocabulary(rng: random.Random) -> list[str]:
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    weights = [12, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 2, 1.5, 1.5, 1, 1, 0.5, 0.3, 0.3, 0.2]
+    return ["".join(rng.choices(letters, weights, k=rng.randint(2, 9))) for _ in range(VOCABULARY_SIZE)]
+
+
+def sentence(rng: random.Random, vocab: list[str], words: int) -> str:
+    text = " ".join(rng.choices(vocab, k=words))
+    return text[0].upper() + text[1:] + "."
+
+
+def conversation(rng: random.Random, vocab: list[str]) -> list[dict]:
+    turns = []
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
+        turns.append({"from": "human", "value": sentence(rng, vocab, rng.randint(8, 60))})
+        answer = " ".join(sentence(rng, vocab, rng.randint(6, 20)) for _ in range(rng.randint(1, 10)))
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+def write_file(path: Path, seed: int, target_bytes: int, pool: list) -> int:
+    """One JSONL file of about `target_bytes`; ~3% exact and ~3% near copies of records from `pool`."""
+    rng = random.Random(seed)
+    vocab = vocabulary(random.Random(0))
+    written = records = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target_bytes:
+            roll = rng.random()
+            if pool and roll < 0.03:
+                turns = rng.choice(pool)
+            elif pool and roll < 0.06:
+                turns = json.loads(json.dumps(rng.choice(pool)))
+                words = turns[-1]["value"].split(" ")
+                words[rng.randrange(len(words))] = "changed"
+                turns[-1]["value"] = " ".join(words)
+            else:
+                turns = conversation(rng, vocab)
+                if len(pool) < 5000 and rng.random() < 0.05:
+                    pool.append(turns)
+            line = json.dumps({"id": f"{path.stem}-{records}", "conversations": turns}) + "\n"
+            f.write(line)
+            written += len(line.encode())
+            records += 1
+    return records
+
+
+def write_corpora(workdir: Path, mb: float) -> tuple[list[Path], list[Path]]:
+    """(files of N, files of 4N); 4N holds N's files plus three times as many more."""
+    corpus = workdir / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    count = max(1, round(mb / FILE_MB))
+    target = int(mb * 1e6 / count)
+    files, pool = [], []
+    for k in range(4 * count):
+        path = corpus / f"part-{k:03d}.jsonl"
+        if not path.exists() or abs(path.stat().st_size - target) > target * 0.05:
+            write_file(path, seed=k + 1, target_bytes=target, pool=pool)
+        files.append(path)
+    return files[:count], files
+
+
+# ---------------------------------------------------------------- the tokenizer baseline
+
+
+def tokenizer_dir(workdir: Path) -> str:
+    from instune.base_model import tokenizer_training_texts
+    from instune.default.model import ensure_embedded_model
+
+    return str(ensure_embedded_model(workdir / "model", tokenizer_training_texts(), vocab_size=1024, hidden_size=64,
+                                     num_layers=1, num_heads=2, intermediate_size=128,
+                                     max_position_embeddings=1024, seed=0))
+
+
+def baseline(files: list[Path], tokenizer_path: str) -> dict:
+    """Seconds to tokenize every conversation of `files` in batches (rendering timed apart)."""
+    from transformers import AutoTokenizer
+
+    from instune.data.formats import ROLE_ALIASES
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    conversations = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                turns = json.loads(line)["conversations"]
+                conversations.append([{"role": ROLE_ALIASES[t["from"]], "content": t["value"]} for t in turns])
+    started = time.perf_counter()
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    render_seconds = time.perf_counter() - started
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(texts), 1000):
+        tokens += sum(len(ids) for ids in tokenizer(texts[i : i + 1000], add_special_tokens=False)["input_ids"])
+    return {"records": len(texts), "tokens": tokens, "seconds": time.perf_counter() - started,
+            "render_seconds": render_seconds}
+
+
+# ---------------------------------------------------------------- one prepare run (child process)
+
+
+class PeakMemory:
+    """Samples the summed PSS (else RSS) of this process and all its descendants from a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.psutil, self.interval, self.peak, self.kind = psutil, interval, 0, "pss"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sample(self) -> int:
+        me = self.psutil.Process()
+        total = 0
+        for process in [me] + me.children(recursive=True):
+            try:
+                try:
+                    total += process.memory_full_info().pss
+                except (self.psutil.AccessDenied, AttributeError):
+                    self.kind = "rss"
+                    total += process.memory_info().rss
+            except self.psutil.NoSuchProcess:
+                continue
+        return total
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def bench_config(files: list[Path], workdir: Path):
+    from instune.config import validate_config
+
+    return validate_config({
+        "name": "bench", "output_dir": str(workdir / "out"), "model": {"max_length": 1024},
+        "data": {"sources": [{"name": "chat", "path": [str(f) for f in files], "format": "sharegpt"}],
+                 "dedup": {"exact": True, "near": {}}},
+    })
+
+
+def child(args) -> None:
+    import ray
+    import ray.data
+
+    from instune.data.dedup.minhash import near_dedup
+    from instune.data.prepare import parse_messages, plan_sources, prepare, read_all
+
+    files = [Path(f) for f in args.files.split(",")]
+    workdir = Path(args.workdir)
+    config = bench_config(files, workdir)
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False, object_store_memory=args.object_store_mb * 2**20)
+            break
+        except Exception as e:  # Ray's startup timeout on a busy machine is a bare Exception; try again
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    data_dir = workdir / f"data-{len(files)}"
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        manifest = prepare(config, args.tokenizer, data_dir)
+        seconds = time.perf_counter() - started
+    # Near-dedup alone, on every normalised record of the corpus (duplicates included).
+    records = (read_all(plan_sources(config.data.sources), config.data.max_record_bytes)
+               .filter(expr="kind == 'kept'").select_columns(["id", "source", "domain", "messages", "metadata"])
+               .map_batches(parse_messages, batch_format="pyarrow").materialize())
+    near = config.data.dedup.near
+    started = time.perf_counter()
+    kept, rejected = near_dedup(records, near.threshold, near.num_perm, near.ngram, near.seed)
+    kept, rejected = kept.materialize(), rejected.materialize()
+    dedup_seconds = time.perf_counter() - started
+    train = manifest["splits"]["train"]
+    print("RESULT " + json.dumps({
+        "seconds": seconds, "records": manifest["sources"]["chat"]["read"], "kept": manifest["sources"]["chat"]["kept"],
+        "train_tokens": train["tokens"], "packing_efficiency": train["packing_efficiency"],
+        "peak_bytes": memory.peak, "memory_kind": memory.kind, "dedup_seconds": dedup_seconds,
+        "dedup_records": records.count(), "near_duplicates": rejected.count(),
+    }))
+    ray.shutdown()
+
+
+def run_child(files: list[Path], args, tokenizer: str) -> dict:
+    command = [sys.executable, __file__, "--child", "--files", ",".join(map(str, files)), "--workdir", args.workdir,
+               "--tokenizer", tokenizer, "--object-store-mb", str(args.object_store_mb)]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(f"prepare run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    phases = [line for line in out.stdout.splitlines() if line.startswith("[prepare] phase")]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result["phase_seconds"] = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in phases if " in " in line]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=50)
+    parser.add_argument("--workdir", default="/tmp/instune-data-bench")
+    parser.add_argument("--object-store-mb", type=int, default=1024)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--files", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    workdir = Path(args.workdir)
+    print(f"writing corpora under {workdir} ...", flush=True)
+    small, large = write_corpora(workdir, args.mb)
+    tokenizer = tokenizer_dir(workdir)
+    print("tokenizer baseline ...", flush=True)
+    base = baseline(small, tokenizer)
+    print("prepare N ...", flush=True)
+    n = run_child(small, args, tokenizer)
+    print("prepare 4N ...", flush=True)
+    n4 = run_child(large, args, tokenizer)
+
+    size = lambda files: sum(f.stat().st_size for f in files) / 1e6  # noqa: E731
+    mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    throughput_ratio = base["seconds"] / n["seconds"]
+    memory_ratio = n4["peak_bytes"] / n["peak_bytes"]
+    dedup_ratio = n4["dedup_seconds"] / n["dedup_seconds"]
+    rows = [
+        ("corpus MB", f"{size(small):.1f}", f"{size(large):.1f}", "", ""),
+        ("records read / kept", f"{n['records']:,} / {n['kept']:,}", f"{n4['records']:,} / {n4['kept']:,}", "", ""),
+        ("prepare seconds (phase 1, phase 2)", f"{n['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in n['phase_seconds'])})",
+         f"{n4['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in n4['phase_seconds'])})", "", ""),
+        ("prepare records/s", f"{n['records'] / n['seconds']:,.0f}", f"{n4['records'] / n4['seconds']:,.0f}", "", ""),
+        ("tokenizer records/s (baseline, N)", f"{base['records'] / base['seconds']:,.0f}", "", "",
+         f"render {base['render_seconds']:.1f} s apart"),
+        ("throughput prepare / tokenizer", f"{throughput_ratio:.3f}", "", ">= 0.8", "met" if throughput_ratio >= 0.8 else "missed"),
+        (f"peak memory MiB ({n['memory_kind']}, process tree)", mb(n["peak_bytes"]), mb(n4["peak_bytes"]),
+         "<= 1.3", f"{memory_ratio:.2f} {'met' if memory_ratio <= 1.3 else 'missed'}"),
+        ("near-dedup seconds (records)", f"{n['dedup_seconds']:.1f} ({n['dedup_records']:,})",
+         f"{n4['dedup_seconds']:.1f} ({n4['dedup_records']:,})", "<= 5", f"{dedup_ratio:.2f} {'met' if dedup_ratio <= 5 else 'missed'}"),
+        ("near-duplicates found", f"{n['near_duplicates']:,}", f"{n4['near_duplicates']:,}", "", ""),
+        ("packing efficiency", f"{n['packing_efficiency']:.1%}", f"{n4['packing_efficiency']:.1%}", "", ""),
+    ]
+    print(f"\ncpus {os.cpu_count()}, object store cap {args.object_store_mb} MiB, baseline tokens "
+          f"{base['tokens']:,} in {base['seconds']:.1f} s\n")
+    widths = [max(len(str(r[i])) for r in rows + [("metric", "N", "4N", "target", "result")]) for i in range(5)]
+    for r in [("metric", "N", "4N", "target", "result")] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()

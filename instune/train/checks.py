@@ -1,0 +1,96 @@
+"""Settings that cannot work, refused with one line before any worker starts.
+
+What cannot work, and why:
+- LISA with DeepSpeed: every ZeRO stage flattens the trainable parameters into fixed partitions when the
+  engine is built, so the set of trainable layers cannot change during the run (LISA changes it every
+  period). DDP re-registers its gradient hooks, so LISA runs on DDP.
+- Prefix or prompt tuning on packed data: PEFT drops position_ids for prompt tuning, and transformers only
+  separates packed examples when there is no KV cache (prefix tuning is one), so packed examples would
+  attend to each other. Padded rows (`data.pack: false`) are exact.
+- BitFit on a model with no bias terms (Llama-style models have none): nothing would train.
+- float16 under DDP: it needs loss scaling, which only the DeepSpeed strategy does here; bfloat16 does not.
+Prefix and prompt tuning do run under ZeRO-3 (their tables are gathered like any parameter), so ZeRO-3
+refuses no method; it is pointless for them (a few thousand parameters) but not wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from instune.errors import UserError
+
+
+def model_parameter_names(model_path: str) -> list[str]:
+    """Parameter names of the model at `model_path`, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [name for name, _ in model.named_parameters()]
+
+
+def num_decoder_layers(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path).num_hidden_layers
+
+
+def check_training_plan(settings, packed: bool | None) -> None:
+    """Raise UserError for method/strategy/data combinations that cannot work (see the module docstring).
+
+    `settings` is the LoopSettings the workers would get; `packed` is data.pack (None: not known here).
+    """
+    method = settings.method.method
+    if method == "lisa" and settings.strategy == "deepspeed":
+        raise UserError("peft.method: lisa changes which layers train every period, but DeepSpeed ZeRO fixes "
+                        "the trainable parameters when it starts; use strategy.name: ddp")
+    if method in ("prefix", "prompt") and packed:
+        raise UserError(f"data.pack: {method} tuning needs padded rows (set data.pack: false); with packing, "
+                        "examples in a row would attend to each other")
+    if method == "bitfit" and not any(n.endswith(".bias") for n in model_parameter_names(settings.model_path)):
+        raise UserError(f"peft.method: bitfit trains bias terms, but {settings.model_path} has none; "
+                        "use lora or ia3")
+    if method == "lisa" and settings.method.lisa_layers > num_decoder_layers(settings.model_path):
+        raise UserError(f"peft.lisa_layers: {settings.method.lisa_layers} is more than the "
+                        f"{num_decoder_layers(settings.model_path)} decoder layers of {settings.model_path}")
+    if settings.dtype == "float16" and settings.strategy == "ddp":
+        raise UserError("model.dtype: float16 needs loss scaling, which the ddp strategy does not do; "
+                        "use bfloat16 or strategy.name: deepspeed")
+
+
+def check_cluster_fits(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, use_gpu: bool) -> None:
+    """Raise UserError when the running Ray cluster cannot place the workers (Ray would wait forever)."""
+    import ray
+
+    available = ray.cluster_resources()
+    gpus = (gpus_per_worker or 1) if use_gpu else 0
+    for resource, per_worker, field in (("CPU", cpus_per_worker, "scaling.cpus_per_worker"),
+                                        ("GPU", gpus, "scaling.gpus_per_worker")):
+        needed = num_workers * per_worker
+        if needed > available.get(resource, 0) + 1e-9:
+            raise UserError(f"scaling.num_workers: {num_workers} workers x {per_worker} {resource} "
+                            f"({field}) need {needed:g} {resource}s, but the Ray cluster has "
+                            f"{available.get(resource, 0):g}")
+
+
+def check_resume_dir(run_dir: Path, method_settings, strategy: str, num_workers: int) -> None:
+    """A run directory that already holds checkpoints is resumed from; refuse ones this run cannot load."""
+    from dataclasses import asdict
+
+    from instune.train.checkpoint import METHOD_FILE, STATE_FILE
+
+    # Ray Train names them checkpoint_<time>/, beside its checkpoint_manager_snapshot.json.
+    for checkpoint in sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()):
+        if not (checkpoint / STATE_FILE).is_file():
+            raise UserError(f"{checkpoint}: not a checkpoint this version of instune can resume from; "
+                            f"delete {run_dir} to start over")
+        saved = json.loads((checkpoint / METHOD_FILE).read_text())
+        if saved != json.loads(json.dumps(asdict(method_settings))):
+            raise UserError(f"{run_dir}: holds checkpoints of a different peft setting ({saved['method']}); "
+                            "delete it or use another output_dir")
+        world = json.loads((checkpoint / STATE_FILE).read_text())["world_size"]
+        if strategy == "deepspeed" and world != num_workers:
+            raise UserError(f"scaling.num_workers: {num_workers}, but {checkpoint} holds DeepSpeed shards of "
+                            f"{world} workers; resume with {world} workers")

@@ -1,0 +1,60 @@
+"""Turn a training checkpoint into what users load: the adapter (or trained weights) and a merged full model.
+
+The checkpoint holds the method's weights by name (checkpoint.py); here the same model is rebuilt from the
+base, those weights are loaded, and it is saved the way transformers and PEFT read it:
+  lora, ia3       adapter/ = PEFT adapter; merged/ = adapter folded into the base weights
+  prefix, prompt  adapter/ = PEFT adapter only: virtual tokens are extra inputs, not weight changes, so
+                  there is nothing to merge (load it with PeftModel.from_pretrained on the base)
+  bitfit          adapter/ = the trained biases (safetensors) + method.json; merged/ = base with them
+  full, lisa      adapter/ and merged/ = the full model
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from instune.atomic import atomic_dir
+from instune.train.checkpoint import METHOD_FILE, load_weights, read_method
+from instune.train.methods import PEFT_METHODS, PROMPT_METHODS, apply_method, saved_parameters
+
+BITFIT_FILE = "bitfit.safetensors"
+
+
+def rebuild_trained_model(checkpoint_dir: Path, base_model_path: str):
+    """(model with the checkpoint's weights, its MethodSettings), in fp32 on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    settings = read_method(checkpoint_dir)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(base_model_path), settings)
+    load_weights(model, Path(checkpoint_dir))
+    return model.eval(), settings
+
+
+def export_model(checkpoint_dir: Path, base_model_path: str, tokenizer_path: str, method: str,
+                 output_dir: Path) -> tuple[Path, Path | None]:
+    """Write output_dir/adapter and output_dir/merged (None for prefix/prompt tuning), each atomically;
+    returns their paths."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    model, settings = rebuild_trained_model(Path(checkpoint_dir), base_model_path)
+    assert settings.method == method, f"checkpoint {checkpoint_dir} is {settings.method}, not {method}"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    adapter_dir, merged_dir = Path(output_dir) / "adapter", Path(output_dir) / "merged"
+    with atomic_dir(adapter_dir) as tmp:
+        if method == "bitfit":
+            save_file({n: p.detach().contiguous() for n, p in saved_parameters(model, method)},
+                      str(tmp / BITFIT_FILE))
+            (tmp / METHOD_FILE).write_text(json.dumps(asdict(settings), indent=2))
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    if method in PROMPT_METHODS:
+        return adapter_dir, None
+    merged = model.merge_and_unload() if method in PEFT_METHODS else model
+    with atomic_dir(merged_dir) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    return adapter_dir, merged_dir

@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune trials of the experiment config, one Ray Train run each (`instune sweep`)."""

@@ -1,0 +1,190 @@
+"""The sweep driver (`instune sweep`): check the config, plan the trials, run or resume them on Ray Tune.
+
+The prepared data (`data/filtered/`) is shared; every trial draws its own mixture from it (trial.py).
+Everything the sweep writes is under `<output_dir>/sweep/`:
+  sweep_config.yaml   the config this sweep runs; a rerun with another config is refused
+  eval_data/          eval sets tokenized for loss during training
+  by_domain/          the prepared records keyed by domain (mix.by: domain)
+  tune/               Tune's experiment state: an interrupted sweep resumes from it
+  trials/<id>/        one trial's values, training run, adapter and final metrics (trial.py)
+  results.md, results.csv, best_config.yaml, plots/   (report.py)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from instune.errors import UserError
+from instune.tune.objective import mode_of, sets_needed
+from instune.tune.report import SweepPaths
+from instune.tune.space import check_param_paths, mix_names, param_space
+from instune.tune.trial import TrialPlan, run_trial
+
+TUNE_DIR = "tune"
+SWEEP_CONFIG = "sweep_config.yaml"
+# ASHA never stops a trial for reaching max_t: every trial runs its own steps, and rungs sit at
+# grace_steps * reduction_factor^k below this.
+NO_STEP_LIMIT = 2**31
+
+
+def check_sweep(config, tree: dict) -> None:
+    """Everything about the sweep section that can be checked before Ray starts; raises UserError."""
+    sweep = config.sweep
+    if sweep is None:
+        raise UserError("sweep: the config has no sweep section; add one (see configs/sweep_quickstart.yaml)")
+    check_param_paths(tree, list(sweep.params))
+    kinds = {s.kind for s in config.eval.sets}
+    if not kinds:
+        raise UserError("eval.sets: a sweep scores trials on the eval sets; configure at least one")
+    missing = [k for k in sets_needed(sweep.objective) if k not in kinds]
+    if missing:
+        raise UserError(f"sweep.objective: {sweep.objective} needs an eval set of kind {missing[0]} in eval.sets")
+    if sweep.mix is not None and sweep.mix.by == "source":
+        check_mix_names(mix_names(sweep), [s.name for s in config.data.sources], "source")
+
+
+def check_mix_names(names: list[str], available: list[str], what: str) -> None:
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        raise UserError(f"sweep.mix: no {what} named {', '.join(unknown)}; the {what}s are {', '.join(available)}")
+    unweighted = sorted(set(available) - set(names))
+    if unweighted:
+        raise UserError(f"sweep.mix: give every {what} a weight (0 leaves it out); missing: {', '.join(unweighted)}")
+
+
+def check_same_sweep(sweep_dir: Path, config_yaml: str) -> None:
+    """A sweep directory belongs to one config: resuming it under another would mix incomparable trials."""
+    recorded = sweep_dir / SWEEP_CONFIG
+    if recorded.is_file() and recorded.read_text(encoding="utf-8") != config_yaml:
+        raise UserError(f"{sweep_dir}: holds a sweep of a different config ({recorded}); delete that directory "
+                        "or set another output_dir to start a new sweep")
+
+
+def is_prepared_for(manifest: dict, config) -> bool:
+    """True when the prepared data was made from the same data and model settings."""
+    made = manifest.get("config", {})
+    return made.get("data") == config.data.model_dump(mode="json") and \
+        made.get("model") == config.model.model_dump(mode="json")
+
+
+def max_concurrent_trials(scaling, cluster: dict, configured: int | None) -> int:
+    """Trials at once: configured, or as many as the cluster holds (workers + one CPU for data and eval each).
+
+    Tune cannot see the resources a trial's Train run asks for, and a Train run waits for them forever, so
+    launching more trials than fit only parks their drivers.
+    """
+    if configured:
+        return configured
+    per_trial_cpus = scaling.num_workers * scaling.cpus_per_worker + 1
+    fits = int(cluster.get("CPU", 0) // per_trial_cpus)
+    if scaling.use_gpu:
+        fits = min(fits, int(cluster.get("GPU", 0) // (scaling.num_workers * (scaling.gpus_per_worker or 1))))
+    return max(1, fits)
+
+
+def mixing_inputs(config, manifest: dict, data_dir: Path, sweep_dir: Path) -> tuple[Path, dict[str, int]]:
+    """(records to mix, records per mixing name): by source from data/filtered, or by domain from its copy."""
+    from instune.tune.domains import rekey_by_domain
+
+    mix = config.sweep.mix
+    if mix is None or mix.by == "source":
+        return data_dir / "filtered", {name: c["kept"] for name, c in manifest["sources"].items()}
+    kept = rekey_by_domain(data_dir / "filtered", sweep_dir / "by_domain")
+    check_mix_names(mix_names(config.sweep), sorted(kept), "domain")
+    return sweep_dir / "by_domain", kept
+
+
+def trial_plan(config, tree: dict, eval_sets: list, model_path: str, tokenizer_path: str, filtered_dir: Path,
+               kept: dict[str, int], sweep_dir: Path) -> TrialPlan:
+    from instune.eval.evaluate import EvalSettings
+    from instune.tune.eval_data import tokenize_eval_sets
+
+    sweep, e, m = config.sweep, config.eval, config.model
+    mix = sweep.mix
+    return TrialPlan(
+        base_tree=tree, sweep_dir=str(sweep_dir.resolve()), model_path=model_path, tokenizer_path=tokenizer_path,
+        filtered_dir=str(filtered_dir.resolve()), kept=kept, mix_by=mix.by if mix else None,
+        mix_names=mix_names(sweep), dirichlet_alpha=mix.dirichlet.alpha if mix and mix.dirichlet else None,
+        eval_data=tokenize_eval_sets(eval_sets, tokenizer_path, m.max_length, sweep_dir / "eval_data"),
+        set_kinds={s.name: s.kind for s in eval_sets}, objective=sweep.objective,
+        report_while_training=sweep.objective.endswith("_loss"),
+        eval_sets=eval_sets if sweep.final_eval else [],
+        eval_settings=EvalSettings(max_length=m.max_length, max_new_tokens=e.max_new_tokens,
+                                   batch_size=e.batch_size, dtype=m.dtype, do_sample=e.do_sample,
+                                   temperature=e.temperature, top_p=e.top_p, seed=e.seed))
+
+
+def trial_dirname(trial) -> str:
+    """Tune's directory for a trial is its id, the same id as `trials/<id>`."""
+    return trial.trial_id
+
+
+def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurrency: int):
+    """A new Tuner, or the interrupted one restored: finished and failed trials stay, the rest run."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from instune.tune.report import TrialLines
+
+    if tune.Tuner.can_restore(str(experiment_dir)):
+        print(f"[sweep] resuming {experiment_dir}", flush=True)
+        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        # TuneConfig.max_concurrent_trials wraps a Searcher in a ConcurrencyLimiter...
+        search_alg, searcher_limit = OptunaSearch(seed=sweep.seed), concurrency
+    else:
+        # ...but ignores it for the variant generator, which takes the limit itself.
+        search_alg, searcher_limit = BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency), None
+    scheduler = ASHAScheduler(time_attr="step", max_t=NO_STEP_LIMIT, grace_period=sweep.grace_steps or eval_every,
+                              reduction_factor=sweep.reduction_factor) \
+        if sweep.scheduler == "asha" else FIFOScheduler()
+    num_samples = sweep.num_samples or (1 if sweep.search == "grid" else 8)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(metric="objective", mode=mode_of(sweep.objective), search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=searcher_limit, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent.resolve()),
+                                  callbacks=[TrialLines()], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+
+
+def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenizer_path: str,
+              data_dir: Path) -> SweepPaths:
+    """Run (or resume) the sweep on the connected Ray cluster and write its results; returns where they are."""
+    import ray
+    from ray import tune
+
+    from instune.atomic import write_text
+    from instune.config import config_to_yaml
+    from instune.tune.report import write_results
+
+    sweep_dir = Path(config.output_dir) / "sweep"
+    config_yaml = config_to_yaml(config)
+    check_same_sweep(sweep_dir, config_yaml)
+    write_text(sweep_dir / SWEEP_CONFIG, config_yaml)
+    tree = config.model_dump(mode="json")
+    filtered_dir, kept = mixing_inputs(config, manifest, data_dir, sweep_dir)
+    plan = trial_plan(config, tree, eval_sets, model_path, tokenizer_path, filtered_dir, kept, sweep_dir)
+
+    concurrency = max_concurrent_trials(config.scaling, ray.cluster_resources(), config.sweep.max_concurrent_trials)
+    # The trial function itself only waits on its Train run; the CPU its data pipeline and eval use is
+    # budgeted by the concurrency limit above, not reserved here.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    # Save Tune's experiment state at most a second after a trial ends, so a killed driver reruns no
+    # finished trial (the state is a few kilobytes; the default waits up to minutes on long sweeps).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    experiment_dir = sweep_dir / TUNE_DIR
+    t = config.train
+    tuner = make_tuner(trainable, config.sweep, t.eval_every or t.log_every, experiment_dir, concurrency)
+    print(f"[sweep] {config.sweep.search} search, {config.sweep.scheduler} scheduler, up to {concurrency} "
+          f"trials at once; objective {config.sweep.objective} ({mode_of(config.sweep.objective)})", flush=True)
+    results = tuner.fit()
+    return write_results(results, plan, config.sweep, tree, sweep_dir, experiment_dir)

@@ -1,0 +1,164 @@
+"""One sweep trial, as Ray Tune runs it: read top to bottom.
+
+  1. the base config with the trial's sampled values, validated (a bad value fails this trial only);
+  2. a mixture drawn with the trial's weights from the records prepared once for the sweep;
+  3. one Ray Train run (the Train V2 way inside Tune: this function builds and fits a TorchTrainer), whose
+     reports carry the loss on every eval set and reach Tune through `ReportToTune`;
+  4. the trained model exported, scored by exact match on every eval set, and reported once more.
+Outputs live in `<sweep>/trials/<trial id>/`: trial.json (values), train/ (Ray Train run, metrics.jsonl),
+adapter/, and final.json when the trial finished or error.txt when it failed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from instune.atomic import write_json, write_text
+from instune.tune.objective import with_objective
+from instune.tune.space import apply_overrides, mix_weights, param_overrides, source_weight_overrides
+
+TRIALS_DIR = "trials"
+TRIAL_FILE = "trial.json"
+FINAL_FILE = "final.json"
+ERROR_FILE = "error.txt"
+
+
+@dataclass
+class TrialPlan:
+    """What every trial shares, fixed when the sweep starts; plain values that Tune ships to each trial."""
+
+    base_tree: dict  # the validated base config, defaults filled in
+    sweep_dir: str
+    model_path: str
+    tokenizer_path: str
+    filtered_dir: str  # the records to mix: data/filtered, or its copy keyed by domain
+    kept: dict[str, int]  # records per mixing name (source or domain)
+    mix_by: str | None  # "source", "domain", or None for the base config's own source weights
+    mix_names: list[str]
+    dirichlet_alpha: float | None
+    eval_data: dict[str, str]  # eval set -> its tokenized rows, for loss while training
+    set_kinds: dict[str, str]  # eval set -> "in_domain" or "out_of_domain"
+    objective: str
+    report_while_training: bool  # loss objectives: every report goes to Tune (ASHA acts on them)
+    eval_sets: list = field(default_factory=list)  # EvalSets for exact match at the end; [] skips it
+    eval_settings: object = None  # instune.eval.evaluate.EvalSettings
+
+
+class ReportToTune(TuneReportCallback):
+    """Ray Train callback (in the trial's Train controller): each report, with its scores, becomes a Tune result."""
+
+    def __init__(self, set_kinds: dict[str, str], objective: str):
+        super().__init__()
+        self.set_kinds, self.objective = set_kinds, objective
+
+    def after_report(self, run_context, metrics, checkpoint):
+        scored = with_objective(metrics[0], self.set_kinds, self.objective)
+        # Reports between evals (train.eval_every above log_every) carry no eval loss, so no objective:
+        # Tune requires the metric in every result, and a scheduler has nothing to compare in them.
+        if "objective" in scored:
+            super().after_report(run_context, [scored, *metrics[1:]], checkpoint)
+
+
+def trial_dir_of(sweep_dir: str | Path, trial_id: str) -> Path:
+    return Path(sweep_dir) / TRIALS_DIR / trial_id
+
+
+def run_trial(sampled: dict, plan: TrialPlan) -> None:
+    """The Tune function trainable; `sampled` is Tune's config (dotted paths and "mix.<name>" weights)."""
+    import ray.tune
+
+    trial_dir = trial_dir_of(plan.sweep_dir, ray.tune.get_context().get_trial_id())
+    # A trial Tune restarts after the driver died starts over: no half-written outputs of the first attempt.
+    shutil.rmtree(trial_dir, ignore_errors=True)
+    trial_dir.mkdir(parents=True)
+    try:
+        final = train_and_evaluate(sampled, plan, trial_dir)
+    except Exception as e:
+        write_text(trial_dir / ERROR_FILE, f"{type(e).__name__}: {e}\n")
+        raise
+    write_json(trial_dir / FINAL_FILE, final)
+    ray.tune.report(final)
+
+
+def trial_config(sampled: dict, plan: TrialPlan):
+    """(validated config, mix weights by name, the overrides applied)."""
+    from instune.config import validate_config
+
+    overrides = param_overrides(sampled)
+    if plan.mix_by is None:
+        weights = {s["name"]: s["weight"] for s in plan.base_tree["data"]["sources"]}
+    else:
+        weights = mix_weights(sampled, plan.mix_names, plan.dirichlet_alpha)
+    if plan.mix_by == "source":
+        overrides.update(source_weight_overrides(plan.base_tree, weights))
+    config = validate_config(apply_overrides(plan.base_tree, overrides), "sweep trial config")
+    return config, weights, overrides
+
+
+def trial_datasets(config, plan: TrialPlan, weights: dict[str, float]) -> dict:
+    """The trial's mixture (train, and validation when configured) and the eval sets, as Ray Datasets."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from instune.data.prepare import mix_tokenize_pack
+
+    d = config.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Without a target size a mixture keeps each record once and weights only switch sources on or off; a
+    # swept mix is drawn at the size of the prepared data instead, so every trial trains on as many records.
+    size = d.mix_size or (sum(plan.kept.values()) if plan.mix_by else None)
+    train, validation, _ = mix_tokenize_pack(
+        Path(plan.filtered_dir), plan.kept, weights, size=size, seed=d.seed,
+        tokenizer_path=plan.tokenizer_path, seq_len=config.model.max_length, truncation=d.truncation,
+        pack=d.pack, validation_fraction=d.validation_fraction)
+    # Materialised before training starts, so the trial's data pipeline is done before its workers hold CPUs.
+    datasets = {"train": train.materialize()}
+    if validation is not None:
+        datasets["validation"] = validation.materialize()
+    for name, path in plan.eval_data.items():
+        datasets[name] = ray.data.from_arrow(pq.read_table(path))
+    return datasets
+
+
+def train_and_evaluate(sampled: dict, plan: TrialPlan, trial_dir: Path) -> dict:
+    """Steps 1-4 of the module docstring; returns the final metrics."""
+    from instune.train.trainer import export_model, loop_settings, run_ray_training, steps_for
+
+    config, weights, overrides = trial_config(sampled, plan)
+    write_json(trial_dir / TRIAL_FILE, {"overrides": overrides, "mix": weights, "mix_by": plan.mix_by})
+    datasets = trial_datasets(config, plan, weights)
+
+    t, s = config.train, config.scaling
+    total_steps = steps_for(datasets["train"].count(), s.num_workers, t.micro_batch_size, t.grad_accum,
+                            t.epochs, t.max_steps)
+    settings = loop_settings(config, plan.model_path, total_steps)
+    settings.eval_datasets = list(plan.eval_data)
+    callbacks = (ReportToTune(plan.set_kinds, plan.objective),) if plan.report_while_training else ()
+    print(f"[sweep] trial {trial_dir.name}: {overrides} mix {weights}, {total_steps} steps", flush=True)
+    result, _ = run_ray_training(
+        settings, datasets, num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
+        gpus_per_worker=s.gpus_per_worker, placement_strategy=s.placement_strategy,
+        storage_dir=trial_dir / "train", run_name="run", callbacks=callbacks)
+    assert result.checkpoint is not None, f"trial {trial_dir.name}: training ended without a checkpoint"
+
+    final = dict(result.metrics or {}, finished=True, total_steps=total_steps)
+    final.update({f"mix/{name}": w for name, w in weights.items()})
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        adapter_dir, merged_dir = export_model(Path(checkpoint_dir), plan.model_path, plan.tokenizer_path,
+                                               config.peft.method, trial_dir)
+    if plan.eval_sets:
+        from instune.eval.evaluate import evaluate_in_process
+
+        # Methods with nothing to merge (prompt tuning) are evaluated as an adapter on the base model.
+        model_dir, base_path = (merged_dir, None) if merged_dir is not None else (adapter_dir, plan.model_path)
+        results, _ = evaluate_in_process(str(model_dir), plan.eval_sets, plan.eval_settings,
+                                         base_model_path=base_path)
+        final.update({f"accuracy/{r.name}": r.exact_match for r in results})
+    # The adapter stays; a merged full copy per trial would fill the disk, and the best config retrains anyway.
+    if merged_dir is not None:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    return with_objective(final, plan.set_kinds, plan.objective)

@@ -1,0 +1,114 @@
+"""Training through Ray Train: a worker killed mid-run is replaced and the run resumes from its latest
+checkpoint; a run started again on the same directory continues; metrics reach metrics.jsonl and
+TensorBoard; a run the cluster cannot place is refused before any worker starts."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import ray
+import ray.data
+from train_helpers import write_packed_rows
+
+from instune.errors import UserError
+from instune.train.loop import CRASH_MARKER_ENV, LoopSettings
+from instune.train.methods import MethodSettings
+from instune.train.trainer import TENSORBOARD_DIR, export_model, run_ray_training
+
+
+@pytest.fixture(scope="module")
+def crash_marker(tmp_path_factory):
+    return tmp_path_factory.mktemp("crash") / "crash_at_step"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(crash_marker):
+    # address "local": our own cluster even when another `ray start` cluster runs on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {CRASH_MARKER_ENV: str(crash_marker)}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def scalar_tags(event_dir) -> set[str]:
+    """Tags of the scalars in TensorBoard event files (TFRecord framing around Event protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for path in event_dir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            tags.update(v.tag for v in event.summary.value)
+            offset += 12 + length + 4
+    return tags
+
+
+def settings_for(model, total_steps: int, **kw) -> LoopSettings:
+    # The head trains too, so the loss falls fast on rows drawn from a 17-token vocabulary.
+    return LoopSettings(model_path=str(model), total_steps=total_steps, micro_batch_size=2, log_every=1,
+                        eval_every=2, checkpoint_every=2, lr=5e-2, warmup_ratio=0,
+                        method=MethodSettings(method="lora", r=4, dropout=0.0, modules_to_save=["lm_head"]), **kw)
+
+
+# DeepSpeed here (its per-worker optimizer shards merge into one checkpoint); DDP resume is tested
+# under torchrun in test_torchrun_main.py.
+ZERO_2 = dict(strategy="deepspeed", zero_stage=2)
+
+
+def train(settings, rows, storage, **kw):
+    datasets = {"train": ray.data.read_parquet(str(rows / "train")),
+                "validation": ray.data.read_parquet(str(rows / "validation"))}
+    return run_ray_training(settings, datasets, num_workers=2, use_gpu=False, cpus_per_worker=1,
+                            gpus_per_worker=0, placement_strategy="PACK", storage_dir=storage, run_name="run",
+                            keep_checkpoints=2, **kw)
+
+
+@pytest.mark.slow
+def test_a_killed_deepspeed_worker_resumes_from_the_latest_checkpoint_and_a_rerun_continues(ray_cluster, crash_marker,
+                                                                                  tiny_model, tmp_path):
+    import json
+
+    rows = tmp_path / "rows"
+    write_packed_rows(rows / "train", 48, vocab=20, seed=1)
+    write_packed_rows(rows / "validation", 8, vocab=20, seed=2)
+    storage = tmp_path / "train"
+    crash_marker.write_text("6")  # the last worker dies as step 6 starts; step 4 has the latest checkpoint
+
+    result, metrics_file = train(settings_for(tiny_model, 8, **ZERO_2), rows, storage, max_failures=1)
+    assert not crash_marker.exists()  # the crash happened
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran again after the restart
+    assert result.metrics["step"] == 8
+    first, before, after = metrics[0]["loss"], metrics[4]["loss"], metrics[5]["loss"]
+    assert first - before > 0.5  # the loss fell ...
+    assert abs(after - before) < 0.2 * (first - before)  # ... and the restarted run went on from there
+    assert all("eval_loss" in m for m in metrics if m["step"] % 2 == 0)
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "peak_memory_mb", "eval_loss"} <= \
+        scalar_tags(storage / "run" / TENSORBOARD_DIR)
+    assert 1 <= len(list((storage / "run").glob("checkpoint_*"))) <= 3  # 2 best by eval_loss + the latest
+
+    # Started again on the same directory with more steps: continues from step 8.
+    result, _ = train(settings_for(tiny_model, 10, **ZERO_2), rows, storage)
+    steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    assert steps[9:] == [9, 10] and result.metrics["step"] == 10
+
+    with result.checkpoint.as_directory() as checkpoint:
+        from pathlib import Path
+
+        adapter, merged = export_model(Path(checkpoint), str(tiny_model), str(tiny_model), "lora", tmp_path / "out")
+    assert (adapter / "adapter_model.safetensors").is_file() and (merged / "model.safetensors").is_file()
+
+
+def test_more_workers_than_the_cluster_has_is_refused_before_training(ray_cluster, tiny_model, tmp_path):
+    refusal = r"scaling.num_workers: 9 workers x 1 CPU .* need 9 CPUs, but the Ray cluster has 4"
+    with pytest.raises(UserError, match=refusal):
+        run_ray_training(settings_for(tiny_model, 1), {}, num_workers=9, use_gpu=False, cpus_per_worker=1,
+                         gpus_per_worker=0, placement_strategy="PACK", storage_dir=tmp_path, run_name="run")
+    with pytest.raises(UserError, match="1 GPU"):
+        run_ray_training(settings_for(tiny_model, 1), {}, num_workers=1, use_gpu=True, cpus_per_worker=1,
+                         gpus_per_worker=1, placement_strategy="PACK", storage_dir=tmp_path, run_name="run")

@@ -1,0 +1,282 @@
+"""The sweep driver: its checks, and end to end on the embedded corpus with a micro model (real Ray, real
+Tune trials, real files; marked slow).
+
+The data is prepared once for the module; each sweep copies it into its own output_dir, where sweep_stage
+finds it current and reuses it (the corpus lives outside output_dir so the data configs match).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instune import stages
+from instune.config import ScalingConfig, load_config, validate_config
+from instune.errors import UserError
+from instune.tune.sweep import check_same_sweep, check_sweep, is_prepared_for, max_concurrent_trials
+from instune.tune.trial import FINAL_FILE, TRIAL_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_STEPS = 20
+LOG_EVERY = 5
+
+
+def experiment(output_dir: Path, corpus_dir: Path, sweep: dict | None = None, **train) -> dict:
+    """Two in-domain domains and one out-of-domain one; a 2-layer, hidden-64 model; one worker per trial."""
+    sets = [("arithmetic", "in_domain"), ("string_edit", "in_domain"), ("unit_conversion", "out_of_domain")]
+    tree = {
+        "name": "sweep_test",
+        "output_dir": str(output_dir),
+        "model": {"max_length": 64,
+                  "embedded": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}},
+        "data": {
+            "corpus": {"dir": str(corpus_dir), "in_domain": ["arithmetic", "string_edit"],
+                       "out_of_domain": ["unit_conversion"], "train_per_domain": 150, "eval_per_domain": 12},
+            "sources": [{"name": "tasks_alpaca", "path": f"{corpus_dir}/train/alpaca.jsonl", "format": "alpaca"},
+                        {"name": "tasks_sharegpt", "path": f"{corpus_dir}/train/sharegpt.jsonl",
+                         "format": "sharegpt"}],
+            "mix_size": 300,
+        },
+        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                 "modules_to_save": ["embed_tokens", "lm_head"]},
+        "train": {"lr": 3e-3, "max_steps": MAX_STEPS, "micro_batch_size": 8, "log_every": LOG_EVERY} | train,
+        "scaling": {"num_workers": 1},
+        "eval": {"max_examples": 8, "max_new_tokens": 8,
+                 "sets": [{"name": n, "domain": n, "kind": k, "path": f"{corpus_dir}/eval/{n}.jsonl"}
+                          for n, k in sets]},
+    }
+    if sweep is not None:
+        tree["sweep"] = sweep
+    return tree
+
+
+def validated(tree: dict):
+    return validate_config(tree, "sweep.yaml")
+
+
+def test_concurrency_is_what_the_cluster_places_unless_configured():
+    two_workers = ScalingConfig(num_workers=2, cpus_per_worker=1.5)
+    # Each trial: 2 x 1.5 CPUs of workers plus one for its data pipeline and eval.
+    assert max_concurrent_trials(two_workers, {"CPU": 16.0}, None) == 4
+    assert max_concurrent_trials(two_workers, {"CPU": 3.0}, None) == 1
+    assert max_concurrent_trials(two_workers, {"CPU": 16.0}, 7) == 7
+    gpus = ScalingConfig(num_workers=2, use_gpu=True, gpus_per_worker=1)
+    assert max_concurrent_trials(gpus, {"CPU": 64.0, "GPU": 4.0}, None) == 2
+
+
+def test_sweep_checks_name_the_field_before_ray_starts(tmp_path):
+    sweep = {"params": {"train.lr": {"choice": [1e-3]}}}
+    tree = experiment(tmp_path, tmp_path / "corpus", sweep)
+    check_sweep(validated(tree), validated(tree).model_dump(mode="json"))
+    with pytest.raises(UserError, match="sweep: the config has no sweep section"):
+        config = validated(experiment(tmp_path, tmp_path / "corpus"))
+        check_sweep(config, config.model_dump(mode="json"))
+    no_ood = dict(tree, sweep=dict(sweep, objective="gap_loss"))
+    no_ood["eval"] = dict(tree["eval"], sets=tree["eval"]["sets"][:2])
+    with pytest.raises(UserError, match="sweep.objective: gap_loss needs an eval set of kind out_of_domain"):
+        check_sweep(validated(no_ood), validated(no_ood).model_dump(mode="json"))
+    missing = dict(tree, sweep={"mix": {"by": "source", "weights": {"tasks_alpaca": 1.0}}})
+    with pytest.raises(UserError, match="give every source a weight .* missing: tasks_sharegpt"):
+        check_sweep(validated(missing), validated(missing).model_dump(mode="json"))
+    unknown = dict(tree, sweep={"mix": {"weights": {"tasks_alpaca": 1.0, "tasks_sharegpt": 1.0, "web": 1.0}}})
+    with pytest.raises(UserError, match="sweep.mix: no source named web"):
+        check_sweep(validated(unknown), validated(unknown).model_dump(mode="json"))
+
+
+def test_a_sweep_directory_belongs_to_one_config(tmp_path):
+    (tmp_path / "sweep_config.yaml").write_text("name: a\n")
+    check_same_sweep(tmp_path, "name: a\n")
+    check_same_sweep(tmp_path / "new", "name: b\n")
+    with pytest.raises(UserError, match="holds a sweep of a different config"):
+        check_same_sweep(tmp_path, "name: b\n")
+
+
+def test_prepared_data_is_reused_only_for_the_same_data_and_model_settings(tmp_path):
+    config = validated(experiment(tmp_path, tmp_path / "corpus", {"params": {"train.lr": {"choice": [1e-3]}}}))
+    manifest = {"config": validated(experiment(tmp_path, tmp_path / "corpus")).model_dump(mode="json")}
+    assert is_prepared_for(manifest, config)
+    manifest["config"]["data"]["mix_size"] = 200
+    assert not is_prepared_for(manifest, config)
+
+
+def write_config(tree: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_cluster):
+    """(corpus dir, an output dir holding data/ and base_model/ prepared for `experiment`)."""
+    root = tmp_path_factory.mktemp("sweep")
+    corpus_dir, output_dir = root / "corpus", root / "prepared"
+    stages.prepare_stage(load_config(write_config(experiment(output_dir, corpus_dir), root / "prepare.yaml")))
+    return corpus_dir, output_dir
+
+
+def output_dir_with_data(prepared, output_dir: Path) -> Path:
+    _, source = prepared
+    for name in ("data", "base_model"):
+        shutil.copytree(source / name, output_dir / name)
+    return output_dir
+
+
+def read_rows(sweep_dir: Path) -> list[dict]:
+    import csv
+
+    with open(sweep_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def curves(sweep_dir: Path, trial: str) -> dict[int, dict]:
+    lines = (sweep_dir / "trials" / trial / "train" / "run" / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m for m in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_domain_mix_sweep_with_asha(prepared, tmp_path):
+    corpus_dir, _ = prepared
+    output_dir = output_dir_with_data(prepared, tmp_path / "out")
+    # Two trials, one after the other: string_edit weighted like arithmetic, then left out. Scored in-domain
+    # on string_edit alone, the second trails the first at ASHA's first rung, so ASHA stops it. (Averaged
+    # with arithmetic, where the second gains what it loses on string_edit, the two would be a coin toss.)
+    sweep = {"search": "grid", "scheduler": "asha", "objective": "in_domain_loss", "max_concurrent_trials": 1,
+             "grace_steps": 2 * LOG_EVERY,
+             "mix": {"by": "domain", "weights": {"arithmetic": 1.0, "string_edit": {"choice": [1.0, 0.0]}}}}
+    tree = experiment(output_dir, corpus_dir, sweep)
+    tree["eval"]["sets"] = [s for s in tree["eval"]["sets"] if s["name"] != "arithmetic"]
+    config = load_config(write_config(tree, tmp_path / "sweep.yaml"))
+    paths = stages.sweep_stage(config)
+    sweep_dir = output_dir / "sweep"
+
+    rows = {float(r["mix/string_edit"]): r for r in read_rows(sweep_dir)}
+    assert sorted(rows) == [0.0, 0.5], [r["error"] for r in rows.values()]
+    with_, without = rows[0.5], rows[0.0]
+    assert (with_["status"], int(with_["steps"])) == ("finished", MAX_STEPS)
+
+    # ASHA stopped the trial without string_edit at its first rung: fewer steps in all than the full grid.
+    assert (without["status"], int(without["steps"])) == ("stopped", 2 * LOG_EVERY)
+    assert int(with_["steps"]) + int(without["steps"]) < len(rows) * MAX_STEPS
+
+    # The mix matters: at the same step, the model that never saw string_edit is worse on it.
+    curve_with, curve_without = curves(sweep_dir, with_["trial"]), curves(sweep_dir, without["trial"])
+    step = 2 * LOG_EVERY
+    assert curve_without[step]["eval_loss/string_edit"] > curve_with[step]["eval_loss/string_edit"] + 0.05
+    assert json.loads((sweep_dir / "trials" / with_["trial"] / TRIAL_FILE).read_text())["mix"] == \
+        {"arithmetic": 0.5, "string_edit": 0.5}
+
+    # The table is sorted by the objective; the finished trial carries exact match per eval set.
+    ranked = read_rows(sweep_dir)
+    assert [r["trial"] for r in ranked] == [with_["trial"], without["trial"]]
+    assert float(ranked[0]["objective"]) < float(ranked[1]["objective"])
+    assert all(0.0 <= float(with_[f"accuracy/{name}"]) <= 1.0 for name in ("string_edit", "unit_conversion"))
+    assert with_["in_domain_accuracy"] != "" and without["in_domain_accuracy"] == ""
+
+    # The best config trains the winning mix as a plain run: one source per domain with its weight.
+    best = load_config(paths.best_config)
+    assert best.sweep is None and best.name == "sweep_test-best"
+    assert [(s.name, s.format, s.weight) for s in best.data.sources] == \
+        [("arithmetic", "openai", 0.5), ("string_edit", "openai", 0.5)]
+    assert "| rank | trial | status | objective |" in paths.results_md.read_text()
+    assert sorted(p.name for p in paths.plots) == ["learning_curves.png", "mix_vs_domains.png",
+                                                   "objective_vs_params.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths.plots)
+
+
+def wait_for(predicate, timeout: float, what: str, process=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the sweep exited ({process.returncode}) before {what}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_cli(config_path: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A busy shared box can take longer than Ray's default to register a fresh node.
+    env["RAY_raylet_start_wait_time_s"] = "180"
+    # Its own session: SIGKILL to the group ends the driver and the Ray cluster it started, nothing else.
+    return subprocess.Popen([sys.executable, "-m", "instune.cli", "sweep", str(config_path)], cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(prepared, tmp_path):
+    corpus_dir, _ = prepared
+    output_dir = output_dir_with_data(prepared, tmp_path / "out")
+    # Three trials, one at a time: very large head dropout, an invalid rate (a failed trial), none.
+    sweep = {"search": "grid", "scheduler": "fifo", "objective": "generalisation_loss", "final_eval": False,
+             "max_concurrent_trials": 1, "params": {"train.head_dropout": {"choice": [0.9, 1.5, 0.0]}}}
+    config_path = write_config(experiment(output_dir, corpus_dir, sweep, max_steps=LOG_EVERY), tmp_path / "sweep.yaml")
+    trials_dir = output_dir / "sweep" / "trials"
+
+    first = run_cli(config_path, tmp_path / "first.log")
+    try:
+        wait_for(lambda: any(trials_dir.glob(f"*/{FINAL_FILE}")), 900, "the first trial to finish", first)
+        # Tune saves its experiment state within a second of a trial ending (TUNE_GLOBAL_CHECKPOINT_S=1).
+        time.sleep(5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finished_before = {p.parent.name: p.stat().st_mtime_ns for p in trials_dir.glob(f"*/{FINAL_FILE}")}
+    assert len(finished_before) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (output_dir / "sweep" / "results.csv").exists()
+
+    second = run_cli(config_path, tmp_path / "second.log")
+    try:
+        assert second.wait(timeout=1200) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    log = (tmp_path / "second.log").read_text()
+    assert "[sweep] resuming" in log
+    # The finished trial was not run again: its final metrics are the same file, untouched.
+    assert {t: (trials_dir / t / FINAL_FILE).stat().st_mtime_ns for t in finished_before} == finished_before
+    rows = {float(r["train.head_dropout"]): r for r in read_rows(output_dir / "sweep")}
+    assert sorted(rows) == [0.0, 0.9, 1.5]
+    assert rows[0.0]["status"] == rows[0.9]["status"] == "finished"
+    assert int(rows[0.0]["steps"]) == int(rows[0.9]["steps"]) == LOG_EVERY
+    assert rows[1.5]["status"] == "failed"
+    assert "train.head_dropout: Input should be less than 1" in rows[1.5]["error"]
+    assert rows[1.5]["objective"] == ""
+
+
+@pytest.mark.slow
+def test_optuna_search_samples_the_configured_space(ray_cluster, tmp_path):
+    from ray import tune
+
+    from instune.config import SweepConfig
+    from instune.tune.sweep import make_tuner
+
+    def objective(sampled):
+        tune.report({"step": 1, "objective": abs(sampled["train.lr"] - 1e-3), "mix.a": sampled["mix.a"]})
+
+    sweep = SweepConfig(search="optuna", scheduler="fifo", num_samples=4, seed=3,
+                        params={"train.lr": {"loguniform": [1e-4, 1e-2]}, "peft.r": {"choice": [8, 16]},
+                                "train.max_steps": {"randint": [5, 7]}},
+                        mix={"weights": {"a": 1.0, "b": {"uniform": [0.0, 1.0]}}})
+    tuner = make_tuner(tune.with_resources(objective, {"CPU": 0.01}), sweep, 5, tmp_path / "tune", concurrency=2)
+    results = tuner.fit()
+    configs = [r.config for r in results]
+    assert len(configs) == 4 and not any(r.error for r in results)
+    assert all(1e-4 <= c["train.lr"] <= 1e-2 and c["peft.r"] in (8, 16) and 5 <= c["train.max_steps"] <= 7
+               and c["mix.a"] == 1.0 and 0.0 <= c["mix.b"] <= 1.0 for c in configs)
+    assert len({c["train.lr"] for c in configs}) == 4
