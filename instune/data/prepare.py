@@ -96,8 +96,21 @@ def read_all(sources: list[SourceFiles], max_record_bytes: int):
     return ds.flat_map(read_file_rows, fn_kwargs={"max_record_bytes": max_record_bytes})
 
 
+def _group_counts(batch: pa.Table, columns: list[str]) -> pa.Table:
+    return batch.group_by(columns).aggregate([([], "count_all")])
+
+
 def count_by(ds, columns: list[str]) -> dict[tuple, int]:
-    return {tuple(r[c] for c in columns): r["count()"] for r in ds.groupby(columns).count().take_all()}
+    """{(values of `columns`): rows}: counted per block and summed here, so no shuffle and no actors are needed
+    (the distinct keys are few: sources, stages)."""
+    from instune.data.dedup.exact import collect
+
+    counts = collect(ds.select_columns(columns).map_batches(_group_counts, fn_kwargs={"columns": columns},
+                                                             batch_format="pyarrow"))
+    totals = Counter()
+    for row in counts.to_pylist() if counts is not None else []:
+        totals[tuple(row[c] for c in columns)] += row["count_all"]
+    return dict(totals)
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -112,22 +125,33 @@ def reason_kind(stage: str, reason: str) -> str:
     return _KIND_OF_STAGE.get(stage) or _NUMBER.sub("N", reason)
 
 
-def _with_reason_kind(batch: pa.Table) -> pa.Table:
+_KIND_KEYS = ["source", "stage", "reason_kind"]
+
+
+def _reject_kind_counts(batch: pa.Table) -> pa.Table:
     kinds = [reason_kind(stage, reason) for stage, reason in zip(batch["stage"].to_pylist(),
                                                                  batch["reason"].to_pylist())]
-    return batch.append_column("reason_kind", pa.array(kinds, pa.string()))
+    batch = batch.append_column("reason_kind", pa.array(kinds, pa.string()))
+    return batch.group_by(_KIND_KEYS).aggregate([([], "count_all"), ("reason", "min"), ("example", "min")])
 
 
 def reject_kinds(quarantine) -> list[dict]:
-    """[{source, stage, reason (a kind), count, example_reason, example}] over every reject, one row per kind."""
-    from ray.data.aggregate import Count, Min
+    """[{source, stage, reason (a kind), count, example_reason, example}] over every reject, one row per kind.
 
-    grouped = (quarantine.map_batches(_with_reason_kind, batch_format="pyarrow")
-               .groupby(["source", "stage", "reason_kind"])
-               .aggregate(Count(alias_name="count"), Min("reason", alias_name="example_reason"),
-                          Min("example", alias_name="example")))
-    return [{"source": r["source"], "stage": r["stage"], "reason": r["reason_kind"], "count": r["count"],
-             "example_reason": r["example_reason"], "example": r["example"]} for r in grouped.take_all()]
+    Grouped per block, then merged here: there are few kinds, however many rejects.
+    """
+    from instune.data.dedup.exact import collect
+
+    per_block = collect(quarantine.map_batches(_reject_kind_counts, batch_format="pyarrow"))
+    merged: dict[tuple, dict] = {}
+    for row in per_block.to_pylist() if per_block is not None else []:
+        key = tuple(row[k] for k in _KIND_KEYS)
+        kind = merged.setdefault(key, {"source": key[0], "stage": key[1], "reason": key[2], "count": 0,
+                                       "example_reason": row["reason_min"], "example": row["example_min"]})
+        kind["count"] += row["count_all"]
+        kind["example_reason"] = min(kind["example_reason"], row["reason_min"])
+        kind["example"] = min(kind["example"], row["example_min"])
+    return list(merged.values())
 
 
 def check_accounting(read_counts: dict, kept: dict, rejected: dict) -> None:
@@ -216,18 +240,15 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
 
     names = [s.name for s in sources]
     read_counts = {n: 0 for n in names}
-    for (source,), n in count_by(ray.data.read_parquet(str(staging)).select_columns(["source"]), ["source"]).items():
+    for (source,), n in count_by(ray.data.read_parquet(str(staging)), ["source"]).items():
         read_counts[source] = n
     kept_counts = {n: 0 for n in names}
     if (out_dir / "filtered").exists():
-        filtered = ray.data.read_parquet(str(out_dir / "filtered")).select_columns(["source"])
-        if filtered.count():
-            for (source,), n in count_by(filtered, ["source"]).items():
-                kept_counts[source] = n
+        for (source,), n in count_by(ray.data.read_parquet(str(out_dir / "filtered")), ["source"]).items():
+            kept_counts[source] = n
     kinds = []
     if (out_dir / "quarantine").exists():
-        quarantine = ray.data.read_parquet(str(out_dir / "quarantine"))
-        kinds = reject_kinds(quarantine) if quarantine.count() else []
+        kinds = reject_kinds(ray.data.read_parquet(str(out_dir / "quarantine")))
     reject_counts = Counter()
     for k in kinds:
         reject_counts[(k["source"], k["stage"], k["reason"])] += k["count"]
@@ -372,7 +393,7 @@ class TokenizeAndPack:
 
 def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[str, float], *, size: int | None,
                       seed: int, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
-                      validation_fraction: float = 0.0, concurrency: int = 1,
+                      validation_fraction: float = 0.0, concurrency: int | tuple[int, int] = 1,
                       outcome_markers: OutcomeMarkers | None = None, drops_dir: Path | None = None,
                       batch_size: int = TOKENIZE_BATCH_ROWS):
     """Phase 2, lazily: (train dataset, validation dataset or None, copies per source).
@@ -408,28 +429,16 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
 # ---------------------------------------------------------------- phase 2 accounting
 
 
-def _source_counts(batch: pa.Table) -> pa.Table:
-    counts = Counter(batch["source"].to_pylist())
-    return pa.table({"source": list(counts), "count": list(counts.values())})
-
-
 def drawn_counts(filtered_dir: Path, split: str, copies: dict[str, float], seed: int,
                  validation_fraction: float) -> dict[str, int]:
     """{source: records drawn into `split`}, from the ids alone (no messages are read, nothing tokenized)."""
     import ray.data
 
-    from instune.data.dedup.exact import collect
-
-    counted = collect(ray.data.read_parquet(str(filtered_dir)).select_columns(["id", "source"])
-                      .map_batches(draw_batch, batch_format="pyarrow",
-                                   fn_kwargs={"split": split, "copies_by_source": copies, "seed": seed,
-                                              "validation_fraction": validation_fraction})
-                      .map_batches(_source_counts, batch_format="pyarrow"))
-    totals = Counter()
-    if counted is not None:
-        for source, n in zip(counted["source"].to_pylist(), counted["count"].to_pylist()):
-            totals[source] += n
-    return dict(totals)
+    drawn = (ray.data.read_parquet(str(filtered_dir)).select_columns(["id", "source"])
+             .map_batches(draw_batch, batch_format="pyarrow",
+                          fn_kwargs={"split": split, "copies_by_source": copies, "seed": seed,
+                                     "validation_fraction": validation_fraction}))
+    return {source: n for (source,), n in count_by(drawn, ["source"]).items()}
 
 
 def _packed_summary(batch: pa.Table) -> pa.Table:
@@ -486,7 +495,12 @@ def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, 
 
     Checks that every record drawn into a split was packed or dropped at tokenization, per source.
     """
-    train, validation, copies = mix_tokenize_pack(out_dir / "filtered", kept, drops_dir=out_dir / "dropped", **mix)
+    import ray
+
+    # Tokenizing is the costly step here: let the actor pool grow to half the cluster's CPUs.
+    actors = (1, max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
+    train, validation, copies = mix_tokenize_pack(out_dir / "filtered", kept, drops_dir=out_dir / "dropped",
+                                                  concurrency=actors, **mix)
     train.write_parquet(str(out_dir / "train"))
     if validation is not None:
         validation.write_parquet(str(out_dir / "validation"))

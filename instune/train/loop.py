@@ -244,6 +244,8 @@ def run_training(settings: LoopSettings, session) -> None:
     seed_everything(settings.seed)
     device = torch.device(f"cuda:{session.local_rank}") if settings.use_gpu and torch.cuda.is_available() \
         else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     compute_dtype = getattr(torch, settings.dtype)
     use_autocast = settings.strategy == "ddp" and compute_dtype != torch.float32
 

@@ -52,8 +52,8 @@ def plot_objective_vs_params(rows: list[dict], columns: list[str], objective: st
                 ax.scatter(*zip(*points), marker=marker, label=status)
         if not numeric:
             ax.set_xticks(range(len(labels)), labels)
-        elif column.endswith("lr") and min(values) > 0:
-            ax.set_xscale("log")
+        elif min(values) > 0 and max(values) >= 100 * min(values):
+            ax.set_xscale("log")  # learning rates and other log-uniform ranges
         ax.set_xlabel(column)
         ax.set_ylabel(objective)
     axes[0].legend(fontsize="small")

@@ -175,9 +175,11 @@ def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenize
     plan = trial_plan(config, tree, eval_sets, model_path, tokenizer_path, filtered_dir, kept, sweep_dir)
 
     concurrency = max_concurrent_trials(config.scaling, ray.cluster_resources(), config.sweep.max_concurrent_trials)
-    # The trial function itself only waits on its Train run; the CPU its data pipeline and eval use is
-    # budgeted by the concurrency limit above, not reserved here.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    # The trial function mostly waits on its Train run; the CPUs of its data pipeline and eval are budgeted
+    # by the concurrency limit above. Tune needs some resource per trial: one byte of Ray's memory resource,
+    # not a CPU fraction, which would leave a 2-CPU node 1.99 CPUs, too few for the pipeline's tokenizer
+    # actor and a read task at once (the pipeline would wait forever).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"memory": 1})
     # Save Tune's experiment state at most a second after a trial ends, so a killed driver reruns no
     # finished trial (the state is a few kilobytes; the default waits up to minutes on long sweeps).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")

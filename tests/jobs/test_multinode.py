@@ -4,6 +4,7 @@ checkpoints to storage every node shares, and resumes on other nodes after the f
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def three_node_cluster(monkeypatch, free_port):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def train_worker_nodes() -> dict[str, str]:
