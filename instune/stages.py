@@ -88,9 +88,21 @@ def prepare_stage(config: ExperimentConfig) -> dict:
     return manifest
 
 
+# A prepared split up to this size is read once into Ray's object store; every epoch after the first then
+# iterates blocks in memory instead of listing and reading the files again (seconds per epoch on small data).
+CACHE_SPLIT_BYTES = 256 * 1024**2
+
+
+def read_split(split_dir: Path):
+    import ray.data
+
+    ds = ray.data.read_parquet(str(split_dir))
+    size = sum(p.stat().st_size for p in split_dir.rglob("*.parquet"))
+    return ds.materialize() if size <= CACHE_SPLIT_BYTES else ds
+
+
 def train_stage(config: ExperimentConfig):
     """Train on the prepared data; returns TrainOutputs."""
-    import ray.data
 
     from instune.data.prepare import load_manifest
     from instune.train.trainer import TrainOutputs, export_model, loop_settings, run_ray_training, steps_for
@@ -117,9 +129,8 @@ def train_stage(config: ExperimentConfig):
         train, validation = stream_train_data(config, tokenizer_path, paths["data"])
         datasets = {"train": train, **({"validation": validation} if validation is not None else {})}
     else:
-        datasets = {"train": ray.data.read_parquet(str(paths["data"] / "train"))}
-        if "validation" in manifest["splits"]:
-            datasets["validation"] = ray.data.read_parquet(str(paths["data"] / "validation"))
+        datasets = {split: read_split(paths["data"] / split)
+                    for split in ("train", "validation") if split in manifest["splits"]}
     print(f"[train] {config.peft.method} on {s.num_workers} workers, {total_steps} steps", flush=True)
     # The same output_dir resumes from its latest checkpoint (see instune/train/trainer.py).
     result, metrics_file = run_ray_training(

@@ -40,6 +40,6 @@ def test_quickstart_lowers_in_domain_loss_and_writes_outputs(tmp_path):
     assert (out / "adapter/adapter_config.json").is_file()
     assert (out / "merged/config.json").is_file() and list((out / "merged").glob("*.safetensors"))
     table = (out / "eval/before_after.md").read_text()
-    assert "mean in_domain" in table and "mean out_of_domain" in table
+    assert "| in-domain mean |" in table and "| out-of-domain mean |" in table
     assert "exact match before" in result.stdout and str(out / "merged") in result.stdout
     assert not [p for p in out.rglob(".*partial*")]

@@ -6,7 +6,7 @@ session (Ray Train merges the workers' directories in storage; FileSession copie
   trainable.safetensors   rank 0: the method's weights, whole (gathered under ZeRO-3), by parameter name
   method.json             rank 0: MethodSettings, so export can rebuild the same model from the base
   trainer_state.json      rank 0: optimizer step, micro-batches consumed (the data position), world size
-  rng/rank-NNNNN.pt       each rank: its Python, NumPy and torch RNG states
+  rng/rank-NNNNN.json     each rank: its Python, NumPy and torch RNG states (plain JSON: nothing to unpickle)
   engine.pt | deepspeed/  the engine's optimizer and scheduler state (DeepSpeed: one shard per rank)
 """
 
@@ -29,7 +29,23 @@ RNG_DIR = "rng"
 
 
 def rng_file(directory: Path, rank: int) -> Path:
-    return directory / RNG_DIR / f"rank-{rank:05d}.pt"
+    return directory / RNG_DIR / f"rank-{rank:05d}.json"
+
+
+def rng_state() -> dict:
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    return {"python": [version, list(python_state), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gauss)],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(saved: dict) -> None:
+    version, python_state, gauss = saved["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, pos, has_gauss, cached_gauss = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gauss))
+    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
 
 
 def save_checkpoint(directory: Path, engine, method: MethodSettings, *, step: int, micro_batches_done: int,
@@ -46,8 +62,7 @@ def save_checkpoint(directory: Path, engine, method: MethodSettings, *, step: in
             {"step": step, "micro_batches_done": micro_batches_done, "world_size": world_size}))
     rng = rng_file(directory, rank)
     rng.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               rng)
+    rng.write_text(json.dumps(rng_state()))
 
 
 def load_weights(model, directory: Path) -> None:
@@ -72,11 +87,7 @@ def load_checkpoint(directory: Path, engine, rank: int, deepspeed: bool) -> tupl
     engine.load(directory)
     rng = rng_file(directory, rank)
     if rng.is_file():
-        # weights_only=False: the RNG state holds numpy objects; the file is one this loop wrote itself.
-        saved = torch.load(rng, weights_only=False)
-        random.setstate(saved["python"])
-        np.random.set_state(saved["numpy"])
-        torch.set_rng_state(saved["torch"])
+        set_rng_state(json.loads(rng.read_text()))
     return state["step"], state["micro_batches_done"]
 
 

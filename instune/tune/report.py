@@ -18,7 +18,7 @@ from ray import tune
 
 from instune.atomic import atomic_dir, write_text
 from instune.tune.objective import KINDS, MEASURE_PREFIXES, mode_of, with_objective
-from instune.tune.trial import ERROR_FILE, FINAL_FILE, TRIAL_FILE, trial_dir_of
+from instune.tune.trial import ERROR_FILE, FINAL_FILE, SAMPLED_FILE, TRIAL_FILE, trial_dir_of
 
 SCORE_NAMES = [f"{scope}_{measure}" for measure in MEASURE_PREFIXES
                for scope in (*KINDS, "generalisation", "gap")]
@@ -78,7 +78,8 @@ def trial_row(result, plan, param_paths: list[str]) -> dict:
     status = "failed" if error else "finished" if final else "stopped"
     row = {"trial": trial_id, "status": status,
            "objective": None if error else metrics.get("objective"), "steps": metrics.get("step")}
-    row.update({path: result.config.get(path) for path in param_paths})
+    sampled = result.config or read_json(trial_dir / SAMPLED_FILE)
+    row.update({path: sampled.get(path) for path in param_paths})
     weights = trial.get("mix", {})
     row.update({f"mix/{name}": weights.get(name) for name in plan.mix_names})
     if not error:

@@ -25,6 +25,9 @@ TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 FINAL_FILE = "final.json"
 ERROR_FILE = "error.txt"
+# Tune's sampled values, written before anything can fail: a restored sweep knows an errored trial's config
+# only from here (Tune keeps it in the trial's last result, which a trial that never reported lacks).
+SAMPLED_FILE = "sampled.json"
 
 
 @dataclass
@@ -75,6 +78,7 @@ def run_trial(sampled: dict, plan: TrialPlan) -> None:
     # A trial Tune restarts after the driver died starts over: no half-written outputs of the first attempt.
     shutil.rmtree(trial_dir, ignore_errors=True)
     trial_dir.mkdir(parents=True)
+    write_json(trial_dir / SAMPLED_FILE, sampled)
     try:
         final = train_and_evaluate(sampled, plan, trial_dir)
     except Exception as e:

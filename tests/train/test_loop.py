@@ -97,3 +97,22 @@ def test_bfloat16_keeps_fp32_master_weights_for_full_fine_tuning(tiny_model, pac
     for n, w in fp32.items():
         torch.testing.assert_close(bf16[n], w, rtol=0.05, atol=0.02)
     assert any(not torch.equal(bf16[n], w) for n, w in fp32.items())
+
+
+def test_a_finished_run_started_again_with_more_steps_trains_on_at_its_new_schedule(tiny_model, packed_rows,
+                                                                                    tmp_path):
+    def run(total_steps):
+        settings = LoopSettings(model_path=str(tiny_model), total_steps=total_steps, micro_batch_size=4,
+                                log_every=1, lr=1e-2, warmup_ratio=0.0, checkpoint_every=4,
+                                method=MethodSettings(method="lora", r=4))
+        run_training(settings, FileSession({"train": [str(packed_rows / "part-0.parquet")]}, str(tmp_path / "run")))
+
+    run(4)
+    run(8)
+    lrs = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "run")}
+    assert sorted(lrs) == list(range(1, 9))
+    # Step 5 is the first of the second run: the 8-step cosine at step 4 (half way), not the finished 4-step
+    # cosine's last rate, and the restored RNG state is read back from its JSON file.
+    factor = warmup_cosine(8, 0.0)
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx([1e-2 * factor(s) for s in range(4, 8)])
+    assert lrs[5] == pytest.approx(5e-3)

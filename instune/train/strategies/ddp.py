@@ -68,7 +68,7 @@ class DDPEngine:
             torch.save(self.state_dict(), directory / ENGINE_FILE)
 
     def load(self, directory: Path) -> None:
-        self.load_state_dict(torch.load(directory / ENGINE_FILE, map_location="cpu", weights_only=False))
+        self.load_state_dict(torch.load(directory / ENGINE_FILE, map_location="cpu", weights_only=True))
 
     def gathered_state(self, named_parameters) -> dict:
         """{name: CPU tensor} of the given parameters on rank 0 ({} elsewhere): every rank holds them whole."""
