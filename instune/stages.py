@@ -94,9 +94,9 @@ CACHE_SPLIT_BYTES = 256 * 1024**2
 
 
 def read_split(split_dir: Path):
-    import ray.data
+    from instune.data.raydata import read_parquet
 
-    ds = ray.data.read_parquet(str(split_dir))
+    ds = read_parquet(str(split_dir))
     size = sum(p.stat().st_size for p in split_dir.rglob("*.parquet"))
     return ds.materialize() if size <= CACHE_SPLIT_BYTES else ds
 

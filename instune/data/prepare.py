@@ -36,6 +36,7 @@ import pyarrow as pa
 from instune.atomic import atomic_dir, write_json
 from instune.data.filters import build_checks
 from instune.data.outcome import OutcomeMarkers
+from instune.data.raydata import read_parquet, task_shuffle
 from instune.data.schema import REJECT_COLUMNS
 from instune.errors import UserError
 
@@ -201,6 +202,7 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     import shutil
 
     import ray.data
+    from ray.data.expressions import col
 
     from instune.data.dedup.exact import exact_dedup
     from instune.data.dedup.minhash import near_dedup
@@ -208,9 +210,9 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
 
     staging = out_dir / ".staging"
     read_all(sources, data_config.max_record_bytes).write_parquet(str(staging))
-    annotated = ray.data.read_parquet(str(staging))
-    rejects = [annotated.filter(expr="kind == 'rejected'").select_columns(list(REJECT_COLUMNS))]
-    kept = (annotated.filter(expr="kind == 'kept'").select_columns(["id", "source", "domain", "messages", "metadata"])
+    annotated = read_parquet(str(staging))
+    rejects = [annotated.filter(expr=col("kind") == "rejected").select_columns(list(REJECT_COLUMNS))]
+    kept = (annotated.filter(expr=col("kind") == "kept").select_columns(["id", "source", "domain", "messages", "metadata"])
             .map_batches(parse_messages, batch_format="pyarrow"))
     if checks:
         print("[prepare] filtering", flush=True)
@@ -240,15 +242,15 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
 
     names = [s.name for s in sources]
     read_counts = {n: 0 for n in names}
-    for (source,), n in count_by(ray.data.read_parquet(str(staging)), ["source"]).items():
+    for (source,), n in count_by(read_parquet(str(staging)), ["source"]).items():
         read_counts[source] = n
     kept_counts = {n: 0 for n in names}
     if (out_dir / "filtered").exists():
-        for (source,), n in count_by(ray.data.read_parquet(str(out_dir / "filtered")), ["source"]).items():
+        for (source,), n in count_by(read_parquet(str(out_dir / "filtered")), ["source"]).items():
             kept_counts[source] = n
     kinds = []
     if (out_dir / "quarantine").exists():
-        kinds = reject_kinds(ray.data.read_parquet(str(out_dir / "quarantine")))
+        kinds = reject_kinds(read_parquet(str(out_dir / "quarantine")))
     reject_counts = Counter()
     for k in kinds:
         reject_counts[(k["source"], k["stage"], k["reason"])] += k["count"]
@@ -402,13 +404,11 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
     outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
     `drops_dir/<split>/`.
     """
-    import ray.data
-
     if validation_fraction:
         held_in = drawn_counts(filtered_dir, "train", dict.fromkeys(kept, 1.0), seed, validation_fraction)
         kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
-    records = ray.data.read_parquet(str(filtered_dir))
+    records = task_shuffle(read_parquet(str(filtered_dir)))
 
     def split(name: str):
         drawn = records.map_batches(draw_batch, batch_format="pyarrow", fn_kwargs={
@@ -432,9 +432,7 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
 def drawn_counts(filtered_dir: Path, split: str, copies: dict[str, float], seed: int,
                  validation_fraction: float) -> dict[str, int]:
     """{source: records drawn into `split`}, from the ids alone (no messages are read, nothing tokenized)."""
-    import ray.data
-
-    drawn = (ray.data.read_parquet(str(filtered_dir)).select_columns(["id", "source"])
+    drawn = (read_parquet(str(filtered_dir)).select_columns(["id", "source"])
              .map_batches(draw_batch, batch_format="pyarrow",
                           fn_kwargs={"split": split, "copies_by_source": copies, "seed": seed,
                                      "validation_fraction": validation_fraction}))
@@ -454,15 +452,13 @@ def _packed_summary(batch: pa.Table) -> pa.Table:
 
 def packed_stats(split_dir: Path, seq_len: int) -> dict:
     """Rows, examples, tokens, packing efficiency and examples per source of a written split."""
-    import ray.data
-
     from instune.data.dedup.exact import collect
 
     stats = {"rows": 0, "examples": 0, "target_tokens": 0, "tokens": 0}
     by_source = Counter()
     if split_dir.exists():
         columns = ["num_examples", "num_target_tokens", "num_tokens", "sources"]
-        summary = collect(ray.data.read_parquet(str(split_dir)).select_columns(columns)
+        summary = collect(read_parquet(str(split_dir)).select_columns(columns)
                           .map_batches(_packed_summary, batch_format="pyarrow"))
         if summary is not None:
             for key in stats:
@@ -539,11 +535,9 @@ def _outcome_counts(batch: pa.Table, field: str) -> pa.Table:
 
 def outcome_counts(filtered_dir: Path, field: str) -> dict[str, dict[str, int]]:
     """{source: {success, failure, unlabelled}} over the kept records, as the outcome markers will read them."""
-    import ray.data
-
     from instune.data.dedup.exact import collect
 
-    counted = collect(ray.data.read_parquet(str(filtered_dir)).select_columns(["source", "metadata"])
+    counted = collect(read_parquet(str(filtered_dir)).select_columns(["source", "metadata"])
                       .map_batches(_outcome_counts, fn_kwargs={"field": field}, batch_format="pyarrow"))
     out: dict[str, dict[str, int]] = {}
     if counted is not None:

@@ -17,6 +17,7 @@ import ray
 from ray.data.aggregate import Count, Min
 
 from instune.data.filters import mark_table, reject_for_record, split_marked
+from instune.data.raydata import task_shuffle
 from instune.data.schema import record_text
 
 STAGE = "dedup:exact"
@@ -96,7 +97,7 @@ def exact_dedup(ds: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Datase
 
     The keyed records are materialized once; both outputs are lazy views over them.
     """
-    keyed = ds.map_batches(_add_keys, batch_format="pyarrow").materialize()
+    keyed = task_shuffle(ds.map_batches(_add_keys, batch_format="pyarrow").materialize())
     groups = (
         keyed.select_columns([HASH_COLUMN, ORDER_COLUMN])
         # Shuffle partitions follow the input's blocks rather than Ray's fixed default of 200.

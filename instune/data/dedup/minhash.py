@@ -26,6 +26,7 @@ from ray.data.aggregate import Count, Min
 from instune.data.dedup.exact import ORDER_COLUMN, collect, id_of, order_key
 from instune.data.filters import mark_table, reject_for_record, split_marked
 from instune.data.filters.decontaminate import mix64, ngram_hashes
+from instune.data.raydata import task_shuffle
 from instune.data.schema import record_text
 
 STAGE = "dedup:near"
@@ -227,9 +228,9 @@ def _mark_near(batch: pa.Table, rejected: dict[str, str]) -> pa.Table:
 
 def _candidate_edges(signed: ray.data.Dataset, num_perm: int, bands: int, rows: int) -> pa.Table | None:
     """(member, anchor) order keys for every record sharing an LSH bucket with a smaller one, or None."""
-    band_rows = signed.map_batches(
+    band_rows = task_shuffle(signed.map_batches(
         _band_rows, fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows}, batch_format="pyarrow"
-    ).materialize()
+    ).materialize())
     buckets = collect(
         band_rows.groupby(BAND_COLUMN, num_partitions=max(1, band_rows.num_blocks()))
         .aggregate(Count(alias_name="size"), Min(ORDER_COLUMN, alias_name="anchor"))
