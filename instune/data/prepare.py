@@ -212,7 +212,8 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     read_all(sources, data_config.max_record_bytes).write_parquet(str(staging))
     annotated = read_parquet(str(staging))
     rejects = [annotated.filter(expr=col("kind") == "rejected").select_columns(list(REJECT_COLUMNS))]
-    kept = (annotated.filter(expr=col("kind") == "kept").select_columns(["id", "source", "domain", "messages", "metadata"])
+    kept = (annotated.filter(expr=col("kind") == "kept")
+            .select_columns(["id", "source", "domain", "messages", "metadata"])
             .map_batches(parse_messages, batch_format="pyarrow"))
     if checks:
         print("[prepare] filtering", flush=True)
