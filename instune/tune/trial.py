@@ -108,17 +108,17 @@ def trial_datasets(config, plan: TrialPlan, weights: dict[str, float]) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from instune.data.prepare import mix_tokenize_pack
+    from instune.data.prepare import mix_tokenize_pack, phase2_arguments
 
     d = config.data
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Without a target size a mixture keeps each record once and weights only switch sources on or off; a
-    # swept mix is drawn at the size of the prepared data instead, so every trial trains on as many records.
-    size = d.mix_size or (sum(plan.kept.values()) if plan.mix_by else None)
-    train, validation, _ = mix_tokenize_pack(
-        Path(plan.filtered_dir), plan.kept, weights, size=size, seed=d.seed,
-        tokenizer_path=plan.tokenizer_path, seq_len=config.model.max_length, truncation=d.truncation,
-        pack=d.pack, validation_fraction=d.validation_fraction)
+    # Everything but the mixture (outcome markers, packing, truncation, validation split) as `prepare` would
+    # do it from this trial's config. Without a target size a mixture keeps each record once and weights only
+    # switch sources on or off; a swept mix is drawn at the size of the prepared data instead, so every trial
+    # trains on as many records.
+    arguments = phase2_arguments(config, plan.tokenizer_path)
+    arguments.update(weights=weights, size=d.mix_size or (sum(plan.kept.values()) if plan.mix_by else None))
+    train, validation, _ = mix_tokenize_pack(Path(plan.filtered_dir), plan.kept, **arguments)
     # Materialised before training starts, so the trial's data pipeline is done before its workers hold CPUs.
     datasets = {"train": train.materialize()}
     if validation is not None:
