@@ -129,14 +129,15 @@ def plain_loop(settings, rows_file: Path, steps: int, pad_id: int) -> dict:
 
 
 def ray_loop(settings, rows_dir: Path, steps: int, threads: int, storage: Path, run_name: str) -> dict:
-    """The same training through run_ray_training with one worker; steady steps/s from the worker's clock."""
+    """The same training through run_ray_training with one worker; steady steps/s from the worker's clock.
+    The rows are read as `instune train` reads a prepared split (`stages.read_split`)."""
 
-    from instune.data.raydata import read_parquet
+    from instune.stages import read_split
     from instune.train.trainer import run_ray_training
 
     started = time.perf_counter()
     result, metrics_file = run_ray_training(
-        settings, {"train": read_parquet(str(rows_dir))}, num_workers=1, use_gpu=settings.use_gpu,
+        settings, {"train": read_split(rows_dir)}, num_workers=1, use_gpu=settings.use_gpu,
         cpus_per_worker=threads, gpus_per_worker=1 if settings.use_gpu else 0, placement_strategy="PACK",
         storage_dir=storage, run_name=run_name)
     metrics = {m["step"]: m for m in map(json.loads, metrics_file.read_text().splitlines())}
