@@ -94,6 +94,7 @@ CACHE_SPLIT_BYTES = 256 * 1024**2
 
 
 def read_split(split_dir: Path):
+    """A prepared split as a Ray Dataset: in the object store when small, streamed from its files otherwise."""
     from instune.data.raydata import read_parquet
 
     ds = read_parquet(str(split_dir))
@@ -103,7 +104,6 @@ def read_split(split_dir: Path):
 
 def train_stage(config: ExperimentConfig):
     """Train on the prepared data; returns TrainOutputs."""
-
     from instune.data.prepare import load_manifest
     from instune.train.trainer import TrainOutputs, export_model, loop_settings, run_ray_training, steps_for
 
