@@ -15,11 +15,13 @@ from instune.config import ExperimentConfig, write_resolved_config
 from instune.errors import UserError
 
 
-def start_ray(scaling=None) -> None:
+def start_ray(scaling=None, dashboard: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (a Ray job), or start a local one.
 
     A local cluster gets at least one logical CPU more than the training workers reserve: otherwise, on a
     2-core laptop, two 1-CPU workers leave Ray Data no CPU to read their shards with, and the run hangs.
+    `dashboard` starts the dashboard too: its state API is how Ray Train's placement-group cleaner learns that
+    the trial actor running a Train run is gone (a trial ASHA stopped), and frees the run's CPUs.
     """
     import ray
 
@@ -29,7 +31,7 @@ def start_ray(scaling=None) -> None:
     if "RAY_ADDRESS" not in os.environ:
         needed = math.ceil(scaling.num_workers * scaling.cpus_per_worker) + 1 if scaling else 1
         # address "local": start our own even when a `ray start` cluster runs here (ray.init would join it).
-        kwargs = {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": False}
+        kwargs = {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": dashboard}
     ray.init(log_to_driver=True, **kwargs)
     import ray.data
 
@@ -278,6 +280,7 @@ def sweep_stage(config: ExperimentConfig):
 
     check_sweep(config, config.model_dump(mode="json"))
     check_inputs(config)
+    start_ray(config.scaling, dashboard=True)
     data_dir = output_paths(config)["data"]
     manifest = load_manifest(data_dir) if (data_dir / MANIFEST).is_file() else None
     if manifest is None or not is_prepared_for(manifest, config):
@@ -286,5 +289,4 @@ def sweep_stage(config: ExperimentConfig):
         print(f"[sweep] reusing the prepared data in {data_dir}", flush=True)
     model_path, tokenizer_path = base_model(config)
     eval_sets = load_eval_sets(config)
-    start_ray(config.scaling)
     return run_sweep(config, eval_sets, manifest, model_path, tokenizer_path, data_dir)

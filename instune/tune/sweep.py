@@ -149,7 +149,11 @@ def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurre
         param_space=param_space(sweep),
         tune_config=tune.TuneConfig(metric="objective", mode=mode_of(sweep.objective), search_alg=search_alg,
                                     scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=searcher_limit, trial_dirname_creator=trial_dirname),
+                                    max_concurrent_trials=searcher_limit, trial_dirname_creator=trial_dirname,
+                                    # A trial's Train run is driven inside the trial's actor, and Ray Train
+                                    # frees the run's placement group only once that actor is dead: a reused
+                                    # actor kept an ASHA-stopped trial's CPUs, and the next trial waited forever.
+                                    reuse_actors=False),
         run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent.resolve()),
                                   callbacks=[TrialLines()], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),

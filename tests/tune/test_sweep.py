@@ -115,7 +115,14 @@ def write_config(tree: dict, path: Path) -> Path:
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    import socket
+
+    # With the dashboard, as `instune sweep` starts it (Ray Train's placement-group cleaner uses its state
+    # API). Never the default port: other clusters run on this machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=port)
     yield
     ray.shutdown()
 
@@ -172,6 +179,12 @@ def test_domain_mix_sweep_with_asha(prepared, tmp_path):
     # ASHA stopped the trial without string_edit at its first rung: fewer steps in all than the full grid.
     assert (without["status"], int(without["steps"])) == ("stopped", 2 * LOG_EVERY)
     assert int(with_["steps"]) + int(without["steps"]) < len(rows) * MAX_STEPS
+
+    # The stopped trial's Train run gave its CPU back; a reserved one would starve every later trial.
+    import ray
+
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], 60,
+             "the stopped trial's CPU to be freed")
 
     # The mix matters: at the same step, the model that never saw string_edit is worse on it.
     curve_with, curve_without = curves(sweep_dir, with_["trial"]), curves(sweep_dir, without["trial"])
