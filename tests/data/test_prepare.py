@@ -188,14 +188,6 @@ def test_stage_table_chains_counts():
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def prepared(tmp_path_factory, model_dir, local_ray):
     root = tmp_path_factory.mktemp("prepare")
     expected = write_corpus(root / "corpus")

@@ -15,14 +15,6 @@ from instune import stages
 from instune.data.raydata import read_parquet, task_shuffle
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def split_dir(tmp_path):
     for part in range(3):

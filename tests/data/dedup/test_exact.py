@@ -11,13 +11,6 @@ from instune.data.schema import make_record
 DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def conversation(position: str, user: str, assistant: str, source: str = "src") -> dict:
     return make_record(f"{source}:train.jsonl:{position}", source, "d", [
         {"role": "user", "content": user}, {"role": "assistant", "content": assistant},

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import ray
 
 from instune.data.dedup.minhash import (
@@ -19,13 +18,6 @@ from instune.data.schema import make_record
 
 # A large vocabulary, so random texts share no shingles unless a test makes them.
 VOCABULARY = [f"w{i}" for i in range(20_000)]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def random_text(seed: int, words_count: int = 80) -> str:

@@ -19,13 +19,6 @@ DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def conversation(index: int, user: str, assistant: str) -> dict:
     return make_record(f"src:train.jsonl:line {index}", "src", "d", [
         {"role": "user", "content": user}, {"role": "assistant", "content": assistant},
