@@ -4,44 +4,90 @@ Each output row has `input_ids`, `labels` and `position_ids` of exactly `seq_len
 at 0 for every example; transformers turns restarting position ids (with no attention mask) into a
 block-diagonal causal mask, so attention never crosses examples and a packed batch has the same loss as the
 same examples unpacked. Padding forms its own segment, with labels ignored.
+
+Bins hold references to their examples (lists or int arrays) and are laid out only when closed: as dict rows
+(`finish`), or all at once as an Arrow table (`rows_table`, the data stage's path, which never turns a token
+into a Python int).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
+
 from instune.data.tokenize import IGNORE_INDEX
 
+PACKED_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())), ("position_ids", pa.list_(pa.int64())),
+    ("num_examples", pa.int64()), ("num_target_tokens", pa.int64()), ("num_tokens", pa.int64()),
+    ("sources", pa.list_(pa.string())),
+])
 
-@dataclass
+
+@dataclass(eq=False)  # bins are compared by identity (list.remove), never by their examples
 class Bin:
-    input_ids: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    position_ids: list[int] = field(default_factory=list)
-    num_examples: int = 0
+    examples: list[tuple] = field(default_factory=list)  # (input_ids, labels) in order
+    length: int = 0
+    target_tokens: int = 0
     # The source of each example, in order: the data report counts the realised mixture from these.
     sources: list[str] = field(default_factory=list)
 
-    def add(self, input_ids: list[int], labels: list[int], source: str = "") -> None:
-        self.input_ids += input_ids
-        self.labels += labels
-        self.position_ids += range(len(input_ids))
-        self.num_examples += 1
+    def add(self, input_ids, labels, source: str = "") -> None:
+        self.examples.append((input_ids, labels))
+        self.length += len(input_ids)
+        self.target_tokens += int(np.count_nonzero(np.asarray(labels) != IGNORE_INDEX))
         self.sources.append(source)
 
 
 def finish(bin_: Bin, seq_len: int, pad_id: int) -> dict:
-    pad = seq_len - len(bin_.input_ids)
+    """One bin as a row of Python lists."""
+    pad = seq_len - bin_.length
     assert pad >= 0, "a bin overflowed its sequence length"
+    input_ids, labels, position_ids = [], [], []
+    for ids, example_labels in bin_.examples:
+        input_ids += list(map(int, ids))
+        labels += list(map(int, example_labels))
+        position_ids += range(len(ids))
     return {
-        "input_ids": bin_.input_ids + [pad_id] * pad,
-        "labels": bin_.labels + [IGNORE_INDEX] * pad,
-        "position_ids": bin_.position_ids + list(range(pad)),
-        "num_examples": bin_.num_examples,
-        "num_target_tokens": sum(label != IGNORE_INDEX for label in bin_.labels),
-        "num_tokens": len(bin_.input_ids),  # before padding: packing efficiency is num_tokens / seq_len
+        "input_ids": input_ids + [pad_id] * pad,
+        "labels": labels + [IGNORE_INDEX] * pad,
+        "position_ids": position_ids + list(range(pad)),
+        "num_examples": len(bin_.examples),
+        "num_target_tokens": bin_.target_tokens,
+        "num_tokens": bin_.length,  # before padding: packing efficiency is num_tokens / seq_len
         "sources": bin_.sources,
     }
+
+
+def rows_table(bins: list[Bin], seq_len: int, pad_id: int) -> pa.Table:
+    """Every bin as one row of PACKED_SCHEMA, built from concatenated arrays."""
+    ids, labels, positions = [], [], []
+    for b in bins:
+        pad = seq_len - b.length
+        assert pad >= 0, "a bin overflowed its sequence length"
+        for example_ids, example_labels in b.examples:
+            ids.append(np.asarray(example_ids, dtype=np.int64))
+            labels.append(np.asarray(example_labels, dtype=np.int64))
+            positions.append(np.arange(len(example_ids), dtype=np.int64))
+        if pad:
+            ids.append(np.full(pad, pad_id, dtype=np.int64))
+            labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+            positions.append(np.arange(pad, dtype=np.int64))
+    offsets = pa.array(np.arange(len(bins) + 1, dtype=np.int32) * seq_len)
+
+    def column(parts: list[np.ndarray]) -> pa.Array:
+        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return pa.ListArray.from_arrays(offsets, pa.array(values, pa.int64()))
+
+    return pa.Table.from_arrays([
+        column(ids), column(labels), column(positions),
+        pa.array([len(b.examples) for b in bins], pa.int64()),
+        pa.array([b.target_tokens for b in bins], pa.int64()),
+        pa.array([b.length for b in bins], pa.int64()),
+        pa.array([b.sources for b in bins], pa.list_(pa.string())),
+    ], schema=PACKED_SCHEMA)
 
 
 class Packer:
@@ -51,12 +97,13 @@ class Packer:
         self.seq_len, self.pad_id, self.max_open = seq_len, pad_id, max_open
         self.open: list[Bin] = []
 
-    def add(self, input_ids: list[int], labels: list[int], source: str = "") -> list[dict]:
-        """Place one example; return the rows of any bins this closed."""
-        assert len(input_ids) <= self.seq_len, "examples must be truncated to seq_len before packing"
+    def place(self, input_ids, labels, source: str = "") -> list[Bin]:
+        """Place one example; return the bins this closed."""
+        size = len(input_ids)
+        assert size <= self.seq_len, "examples must be truncated to seq_len before packing"
         best, best_room = None, self.seq_len + 1
         for b in self.open:
-            room = self.seq_len - len(b.input_ids) - len(input_ids)
+            room = self.seq_len - b.length - size
             if 0 <= room < best_room:
                 best, best_room = b, room
         if best is None:
@@ -64,32 +111,52 @@ class Packer:
             self.open.append(best)
         best.add(input_ids, labels, source)
         closed = []
-        if len(best.input_ids) == self.seq_len:
+        if best.length == self.seq_len:
             self.open.remove(best)
-            closed.append(finish(best, self.seq_len, self.pad_id))
+            closed.append(best)
         if len(self.open) > self.max_open:
-            fullest = max(self.open, key=lambda b: len(b.input_ids))
+            fullest = max(self.open, key=lambda b: b.length)
             self.open.remove(fullest)
-            closed.append(finish(fullest, self.seq_len, self.pad_id))
+            closed.append(fullest)
         return closed
 
+    def close_all(self) -> list[Bin]:
+        bins, self.open = self.open, []
+        return bins
+
+    def add(self, input_ids, labels, source: str = "") -> list[dict]:
+        """Place one example; return the rows of any bins this closed."""
+        return [finish(b, self.seq_len, self.pad_id) for b in self.place(input_ids, labels, source)]
+
     def flush(self) -> list[dict]:
-        rows = [finish(b, self.seq_len, self.pad_id) for b in self.open]
-        self.open = []
-        return rows
+        return [finish(b, self.seq_len, self.pad_id) for b in self.close_all()]
+
+
+def pack_bins(examples, seq_len: int, pad_id: int, max_open: int = 64) -> list[Bin]:
+    """Pack an iterable of (input_ids, labels) or (input_ids, labels, source) tuples; returns every bin."""
+    packer = Packer(seq_len, pad_id, max_open)
+    bins = []
+    for example in examples:
+        bins += packer.place(*example)
+    return bins + packer.close_all()
 
 
 def pack(examples, seq_len: int, pad_id: int, max_open: int = 64) -> list[dict]:
-    """Pack an iterable of (input_ids, labels) or (input_ids, labels, source) tuples; returns every row."""
-    packer = Packer(seq_len, pad_id, max_open)
-    rows = []
+    """`pack_bins` as dict rows."""
+    return [finish(b, seq_len, pad_id) for b in pack_bins(examples, seq_len, pad_id, max_open)]
+
+
+def single_bins(examples) -> list[Bin]:
+    """One example per bin (packing off)."""
+    bins = []
     for example in examples:
-        rows += packer.add(*example)
-    return rows + packer.flush()
+        b = Bin()
+        b.add(*example)
+        bins.append(b)
+    return bins
 
 
 def pad_one(input_ids: list[int], labels: list[int], seq_len: int, pad_id: int, source: str = "") -> dict:
     """One example per row (packing off), in the same row layout as packed rows."""
-    b = Bin()
-    b.add(input_ids, labels, source)
+    [b] = single_bins([(input_ids, labels, source)])
     return finish(b, seq_len, pad_id)

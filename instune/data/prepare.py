@@ -330,11 +330,6 @@ def draw_batch(batch: pa.Table, split: str, copies_by_source: dict[str, float], 
     return batch.take(pa.array(take, pa.int64())).append_column("copy", pa.array(copy, pa.int64()))
 
 
-PACKED_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())), ("position_ids", pa.list_(pa.int64())),
-    ("num_examples", pa.int64()), ("num_target_tokens", pa.int64()), ("num_tokens", pa.int64()),
-    ("sources", pa.list_(pa.string())),
-])
 DROP_SCHEMA = pa.schema([("source", pa.string()), ("id", pa.string()), ("reason", pa.string())])
 # Records per tokenize-and-pack call: bins are packed within one batch, so larger batches pack fuller rows.
 TOKENIZE_BATCH_ROWS = 2048
@@ -353,39 +348,41 @@ class TokenizeAndPack:
                  outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None):
         from transformers import AutoTokenizer
 
+        from instune.data.tokenize import ChatRenderer, _backend
+
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.render, self.backend = ChatRenderer(self.tokenizer), _backend(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
         self.outcome_markers, self.drops_dir = outcome_markers, drops_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from instune.data.outcome import mark_outcome
-        from instune.data.pack import pack, pad_one
-        from instune.data.tokenize import Tokenized, tokenize_batch
+        from instune.data.pack import pack_bins, rows_table, single_bins
+        from instune.data.tokenize import TokenizeError, encode_conversations
 
         conversations = batch["messages"].to_pylist()
         sources = batch["source"].to_pylist()
         if self.outcome_markers is not None:
             conversations = [mark_outcome(messages, metadata, self.outcome_markers)[0]
                              for messages, metadata in zip(conversations, batch["metadata"].to_pylist())]
-        results = tokenize_batch(conversations, self.tokenizer, self.seq_len, self.truncation)
-        examples = [(t.input_ids, t.labels, source) for t, source in zip(results, sources) if isinstance(t, Tokenized)]
+        results = encode_conversations(conversations, self.tokenizer, self.seq_len, self.truncation,
+                                       self.render, self.backend)
+        examples = [(*r, source) for r, source in zip(results, sources) if not isinstance(r, TokenizeError)]
         if len(examples) < len(results) and self.drops_dir:
             self.write_drops(batch, results)
-        pad_id = self.tokenizer.pad_token_id
-        rows = pack(examples, self.seq_len, pad_id) if self.pack else \
-            [pad_one(ids, labels, self.seq_len, pad_id, source) for ids, labels, source in examples]
-        return pa.Table.from_pydict({k: [r[k] for r in rows] for k in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)
+        bins = pack_bins(examples, self.seq_len, self.tokenizer.pad_token_id) if self.pack else single_bins(examples)
+        return rows_table(bins, self.seq_len, self.tokenizer.pad_token_id)
 
     def write_drops(self, batch: pa.Table, results: list) -> None:
         import pyarrow.parquet as pq
 
-        from instune.data.tokenize import Tokenized
+        from instune.data.tokenize import TokenizeError
 
         copies = batch["copy"].to_pylist() if "copy" in batch.column_names else [0] * batch.num_rows
         dropped = [(source, f"{record_id}#{copy}", str(result))
                    for source, record_id, copy, result in zip(batch["source"].to_pylist(), batch["id"].to_pylist(),
                                                               copies, results)
-                   if not isinstance(result, Tokenized)]
+                   if isinstance(result, TokenizeError)]
         name = hashlib.blake2b("\n".join(sorted(d[1] for d in dropped)).encode(), digest_size=16).hexdigest()
         os.makedirs(self.drops_dir, exist_ok=True)
         partial = os.path.join(self.drops_dir, f".{name}.{os.getpid()}.partial")
@@ -683,9 +680,12 @@ def stream_train_data(config, tokenizer_path: str, data_dir: Path):
     return train, validation
 
 
-def load_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
+def load_manifest(data_dir: str | Path) -> dict:
+    """The manifest of the prepared data in `data_dir`, a local path or a URI (instune.storage)."""
+    from instune import storage
+
+    path = storage.join(data_dir, MANIFEST)
+    if not storage.is_file(path):
         raise UserError(f"{data_dir}: no {MANIFEST}, so this is not a complete prepared dataset "
                         "(run `instune prepare` first)")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))

@@ -4,11 +4,19 @@ Labels come from character spans, not from template-specific markers: for assist
 from the end of the prompt rendered for messages[:i] (with the generation prompt) to the end of the render
 of messages[:i+1], so it holds the answer and the end-of-turn token. This works for any chat template whose
 renders are prefix-stable (ChatML, Llama 3, Mistral, Qwen, ...), which we check rather than assume.
+
+A token is labelled when it starts inside a span. With a fast (Rust) tokenizer the first and last labelled
+token of each span are found with `char_to_token`, a few calls per turn instead of a Python pass over every
+token's offsets; `labels_from_spans` is that rule written out, used for slow tokenizers and as the reference
+the fast path is tested against.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -23,16 +31,72 @@ class Tokenized:
     labels: list[int]
 
 
-def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+# ---------------------------------------------------------------- rendering
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(template)
+
+
+_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+          {"role": "assistant", "content": "Bye."}]
+
+
+class ChatRenderer:
+    """Renders {role, content} conversations with the tokenizer's chat template.
+
+    `apply_chat_template` spends more time normalising its input (message objects, None values, media) than
+    jinja spends rendering; our messages are plain strings, so the compiled template is called directly, with
+    the same variables. Where the two disagree on a probe conversation (or the template cannot be compiled
+    here), every render goes through `apply_chat_template`.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._direct = None
+        try:
+            compiled = _compiled_template(tokenizer.get_chat_template())
+            variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
+            self._direct = functools.partial(compiled.render, tools=None, documents=None, **variables)
+            if not all(self._direct(messages=_PROBE[:k], add_generation_prompt=g) == self._slow(_PROBE[:k], g)
+                       for k in (2, 3, 5) for g in (False, True)):
+                self._direct = None
+        except Exception:  # any template or version quirk: the slow path is always right
+            self._direct = None
+        self.lone_prompt = self._lone_prompt()
+
+    def _slow(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self._direct is not None:
+            return self._direct(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self._slow(messages, add_generation_prompt)
+
+    def _lone_prompt(self) -> str:
+        """The generation prompt before a first-turn answer (plain completions); "" if the template needs a turn."""
+        try:
+            return self._slow([], True) if self._direct is None else self([], True)
+        except Exception:  # templates that index messages[0] raise all sorts of jinja errors on an empty list
+            return ""
+
+
+def assistant_spans(messages: list[dict], tokenizer, render: ChatRenderer | None = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
     """Return the rendered conversation and the (start, end) character spans of every assistant turn."""
-    render = tokenizer.apply_chat_template
-    text = render(messages, tokenize=False)
+    render = render or ChatRenderer(tokenizer)
+    text = render(messages)
     spans = []
+    last = len(messages) - 1
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else _lone_prompt(render)
-        upto = render(messages[: i + 1], tokenize=False)
+        prompt = render(messages[:i], True) if i else render.lone_prompt
+        upto = text if i == last else render(messages[: i + 1])
         if not text.startswith(upto) or not upto.startswith(prompt):
             raise TokenizeError("the chat template does not render conversations prefix-stably; "
                                 "cannot locate assistant turns")
@@ -40,16 +104,12 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def _lone_prompt(render) -> str:
-    """The generation prompt before a first-turn answer (plain completions); "" if the template needs a turn."""
-    try:
-        return render([], tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates that index messages[0] raise all sorts of jinja errors on an empty list
-        return ""
+# ---------------------------------------------------------------- labels
 
 
 def labels_from_spans(offsets: list[tuple[int, int]], input_ids: list[int],
                       spans: list[tuple[int, int]]) -> list[int]:
+    """Label every token that starts inside a span (and is not empty); the reference rule."""
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
     for t, (start, end) in enumerate(offsets):
@@ -66,33 +126,100 @@ def labels_from_spans(offsets: list[tuple[int, int]], input_ids: list[int],
     return labels
 
 
-def tokenize_batch(conversations: list[list[dict]], tokenizer, max_length: int,
-                   truncation: str) -> list[Tokenized | TokenizeError]:
-    """Tokenize many conversations in one tokenizer call; a failed record yields its TokenizeError in place."""
-    texts, spans, results = [], [], []
+def _token_range(encoding, span: tuple[int, int]) -> tuple[int, int] | None:
+    """[first, last) tokens starting inside `span`, from the encoding's char map; None where it has a gap."""
+    start, end = span
+    n = len(encoding)
+    first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+    if first is None or last is None:
+        return None
+    if encoding.token_to_chars(first)[0] < start:  # a token that straddles the span's start is not a target
+        first += 1
+    # Several tokens can cover the last character (a byte-split character): all of them start inside.
+    while last + 1 < n and encoding.token_to_chars(last + 1)[0] < end:
+        last += 1
+    return first, last + 1
+
+
+def span_labels(encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    for span in spans:
+        if span[1] <= span[0]:
+            continue
+        bounds = _token_range(encoding, span)
+        if bounds is None:  # a character no token covers: fall back to the offsets of every token
+            return np.asarray(labels_from_spans(encoding.offsets, ids.tolist(), spans), dtype=np.int64)
+        labels[bounds[0]:bounds[1]] = ids[bounds[0]:bounds[1]]
+    if len(labels):
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+def _backend(tokenizer):
+    """The Rust tokenizer behind a fast tokenizer, with truncation and padding off as transformers sets them
+    for an un-truncated call; None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    return backend
+
+
+# ---------------------------------------------------------------- batches
+
+
+def encode_conversations(conversations: list[list[dict]], tokenizer, max_length: int, truncation: str,
+                         render: ChatRenderer | None = None, backend=None
+                         ) -> list[tuple[np.ndarray, np.ndarray] | TokenizeError]:
+    """(input_ids, labels) int64 arrays per conversation, tokenized in one batch call; a record that fails
+    yields its TokenizeError in place. `render` and `backend` may be built once by the caller and reused."""
+    render = render or ChatRenderer(tokenizer)
+    backend = backend if backend is not None else _backend(tokenizer)
+    texts, spans = [], []
     for messages in conversations:
         try:
-            text, turn_spans = assistant_spans(messages, tokenizer)
+            text, turn_spans = assistant_spans(messages, tokenizer, render)
         except TokenizeError as e:
             text, turn_spans = None, e
         texts.append(text)
         spans.append(turn_spans)
     ok = [i for i, t in enumerate(texts) if t is not None]
-    encoded = tokenizer([texts[i] for i in ok], add_special_tokens=False, return_offsets_mapping=True)
-    by_index = {i: (encoded["input_ids"][k], encoded["offset_mapping"][k]) for k, i in enumerate(ok)}
+    encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if ok and backend is not None:
+        for i, encoding in zip(ok, backend.encode_batch([texts[i] for i in ok], add_special_tokens=False)):
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            encoded[i] = ids, span_labels(encoding, ids, spans[i])
+    elif ok:
+        batch = tokenizer([texts[i] for i in ok], add_special_tokens=False, return_offsets_mapping=True)
+        for k, i in enumerate(ok):
+            ids = batch["input_ids"][k]
+            encoded[i] = (np.asarray(ids, dtype=np.int64),
+                          np.asarray(labels_from_spans(batch["offset_mapping"][k], ids, spans[i]), dtype=np.int64))
+    results = []
     for i in range(len(conversations)):
-        if i not in by_index:
+        if i not in encoded:
             results.append(spans[i])
             continue
-        ids, offsets = by_index[i]
-        labels = labels_from_spans(offsets, ids, spans[i])
+        ids, labels = encoded[i]
         if len(ids) > max_length:
             if truncation == "drop":
                 results.append(TokenizeError(f"{len(ids)} tokens is over max_length {max_length}"))
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+        if not (labels != IGNORE_INDEX).any():
             results.append(TokenizeError("no assistant tokens left to train on (after truncation)"))
             continue
-        results.append(Tokenized(list(ids), labels))
+        results.append((ids, labels))
     return results
+
+
+def tokenize_batch(conversations: list[list[dict]], tokenizer, max_length: int,
+                   truncation: str) -> list[Tokenized | TokenizeError]:
+    """Tokenize many conversations in one tokenizer call; a failed record yields its TokenizeError in place."""
+    return [r if isinstance(r, TokenizeError) else Tokenized(r[0].tolist(), r[1].tolist())
+            for r in encode_conversations(conversations, tokenizer, max_length, truncation)]

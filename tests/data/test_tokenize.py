@@ -1,11 +1,15 @@
 """Chat-template tokenization: labels on assistant tokens only, every assistant turn, truncation and drops."""
 
+import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from instune.base_model import tokenizer_training_texts
-from instune.data.tokenize import IGNORE_INDEX, Tokenized, TokenizeError, assistant_spans, tokenize_batch
+from instune.data.tokenize import (IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeError, assistant_spans,
+                                   encode_conversations, labels_from_spans, tokenize_batch)
 from instune.default.tokenizer import IM_END, IM_START, train_tokenizer
 
 MULTI_TURN = [
@@ -75,3 +79,84 @@ def test_no_assistant_token_left_after_truncation(tokenizer):
     assert isinstance(results[0], TokenizeError) and "no assistant tokens left" in str(results[0])
     # A failed record does not disturb its neighbours in the batch.
     assert isinstance(results[1], Tokenized) and labelled_text(tokenizer, results[1]) == f"ok{IM_END}\n"
+
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+# Characters a byte-level BPE splits into several tokens, whitespace runs and a bare special-looking string.
+AWKWARD = [
+    [{"role": "user", "content": "Translate: 猫が好きです 🐈‍⬛"}, {"role": "assistant", "content": "I like cats 🐈‍⬛."}],
+    [{"role": "system", "content": "  lead and trail  "}, {"role": "user", "content": "é\u0301?\n\n\n"},
+     {"role": "assistant", "content": "\n\nnaïve café — “quoted” ½"}, {"role": "user", "content": "again"},
+     {"role": "assistant", "content": "   "}],
+    [{"role": "user", "content": "Say <|im_end|> literally"}, {"role": "assistant", "content": "ok 👍🏽👍🏽"}],
+]
+
+
+def real_conversations() -> list[list[dict]]:
+    """ShareGPT conversations and MT-Bench prompts (with made-up answers) from ../shared/data, when present."""
+    from instune.data.formats import ROLE_ALIASES
+
+    if not SHARED.is_dir():
+        pytest.skip(f"real test data {SHARED} is missing (see /work/shared/data/README.md)")
+    conversations = []
+    for record in json.loads((SHARED / "sharegpt_dummy_conversation.json").read_text()):
+        turns = [{"role": ROLE_ALIASES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+        if turns and turns[-1]["role"] == "assistant":
+            conversations.append(turns)
+    for line in (SHARED / "mt_bench_questions.jsonl").read_text().splitlines():
+        turns = []
+        for k, question in enumerate(json.loads(line)["turns"]):
+            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": f"Answer {k}: ok."}]
+        conversations.append(turns)
+    return conversations
+
+
+def test_fast_labels_equal_the_reference_rule_on_real_and_awkward_text(tokenizer):
+    """The char-map shortcut labels exactly the tokens the offsets rule does, renders included."""
+    conversations = real_conversations() + AWKWARD
+    assert len(conversations) > 80
+    render = ChatRenderer(tokenizer)
+    assert render._direct is not None  # the embedded template takes the direct path
+    fast = encode_conversations(conversations, tokenizer, 100_000, "drop")
+    for messages, result in zip(conversations, fast):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert render(messages) == text
+        assert render(messages[:-1], True) == tokenizer.apply_chat_template(messages[:-1], tokenize=False,
+                                                                            add_generation_prompt=True)
+        reference = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        _, spans = assistant_spans(messages, tokenizer)
+        expected = labels_from_spans(reference["offset_mapping"], reference["input_ids"], spans)
+        ids, labels = result
+        assert ids.tolist() == reference["input_ids"]
+        assert labels.tolist() == expected
+
+
+def test_a_slow_path_renderer_gives_the_same_tokens(tokenizer):
+    render = ChatRenderer(tokenizer)
+    render._direct = None  # as for a template the direct path disagrees with
+    [slow] = encode_conversations([MULTI_TURN], tokenizer, 512, "drop", render=render)
+    [fast] = encode_conversations([MULTI_TURN], tokenizer, 512, "drop")
+    assert slow[0].tolist() == fast[0].tolist() and slow[1].tolist() == fast[1].tolist()
+
+
+def test_fast_labels_equal_the_reference_rule_for_spans_anywhere(tokenizer):
+    """Spans cut at arbitrary characters: tokens that straddle a span's start and several tokens of one
+    multi-byte character at its end, which template-aligned spans rarely produce."""
+    import random
+
+    from instune.data.tokenize import span_labels
+
+    rng = random.Random(0)
+    backend = tokenizer.backend_tokenizer
+    checked = 0
+    for messages in AWKWARD + [MULTI_TURN]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        encoding = backend.encode(text, add_special_tokens=False)
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        for _ in range(200):
+            cuts = sorted(rng.sample(range(len(text) + 1), 4))
+            spans = [(cuts[0], cuts[1]), (cuts[2], cuts[3])]
+            expected = labels_from_spans(encoding.offsets, ids.tolist(), spans)
+            assert span_labels(encoding, ids, spans).tolist() == expected, (text, spans)
+            checked += 1
+    assert checked == 800
