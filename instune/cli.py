@@ -47,7 +47,9 @@ def dispatch(args) -> int | None:
         outputs = stages.train_stage(config)
         report = stages.write_report_for(config, stages.output_paths(config)["train"], f"{config.name}: training",
                                          metrics_file=outputs.metrics_file)
-        print(f"adapter: {outputs.adapter_dir}\nmerged model: {outputs.merged_dir}\nreport: {report}")
+        merged = stages.published(config, outputs.merged_dir) if outputs.merged_dir else None
+        print(f"adapter: {stages.published(config, outputs.adapter_dir)}\nmerged model: {merged}\n"
+              f"report: {stages.published(config, report)}")
     elif args.command == "eval":
         stages.eval_report_stage(config, args.model)
     elif args.command == "run":

@@ -72,6 +72,14 @@ class CorpusConfig(Strict):
     eval_per_domain: int = Field(40, gt=0)
     seed: int = 0
 
+    @field_validator("dir")
+    @classmethod
+    def _local_dir(cls, v):
+        # The generator writes with plain file APIs; with a URI output_dir, point this at a local directory.
+        if "://" in v:
+            raise ValueError(f"{v} is a URI, but the corpus is generated into a local directory; give a local path")
+        return v
+
 
 class SourceConfig(Strict):
     name: str
@@ -470,7 +478,11 @@ class SweepConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str
+    # A local directory, or a cloud URI (s3://, gs://) that stages publish their outputs to (instune/storage.py).
     output_dir: str
+    # With a URI output_dir, where stages work before publishing: default <system temp>/instune-scratch/<name>-<hash
+    # of output_dir>, kept between runs (a rerun finds its base model there). Unused for a local output_dir.
+    scratch_dir: str | None = None
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig

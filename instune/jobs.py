@@ -4,10 +4,10 @@ A submitted job's working directory is a copy of the project (without .venv, out
 fully resolved config beside it as `job_config.yaml`, so the job runs exactly the config that was validated
 here. The entrypoint is fixed, `python jobs/STAGE.py job_config.yaml`: nothing in a config reaches a shell.
 
-Outputs go to the config's `output_dir`, which must be an absolute path that every node mounts (NFS, EFS,
-Filestore, a ReadWriteMany volume, a bucket mounted with gcsfuse or mountpoint-s3): the job's working
-directory is a temporary copy that vanishes with the job, and Ray Train keeps its checkpoints under
-`output_dir/train`, which workers on other nodes must reach.
+Outputs go to the config's `output_dir`: a cloud URI (s3://, gs://; stages publish there and Ray Train keeps
+its checkpoints there, see instune/storage.py), or an absolute path that every node mounts (NFS, EFS,
+Filestore, a ReadWriteMany volume): the job's working directory is a temporary copy that vanishes with the
+job, and Ray Train keeps its checkpoints under `output_dir/train`, which workers on other nodes must reach.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ def check_paths_for_cluster(config, source: str) -> None:
     if config.data.corpus is not None:
         written.append(("data.corpus.dir", config.data.corpus.dir, "'${output_dir}/corpus'"))
     for field, value, example in written:
-        if "://" in value:
-            raise UserError(f"{source}: {field}: {value} is a URI, but stages write with file APIs; mount the "
-                            f"bucket on every node (gcsfuse, mountpoint-s3, ...) and give the mount's path")
-        if not Path(value).is_absolute():
+        # A URI output_dir is fine: stages publish to it (instune/storage.py). data.corpus.dir cannot be one
+        # (config.py refuses it).
+        if "://" not in value and not Path(value).is_absolute():
             raise UserError(f"{source}: {field}: {value} is relative, and a job runs in a temporary copy of the "
                             f"project, so it would be lost; give an absolute path on storage every node mounts, "
                             f"e.g. --set {field}={example}")

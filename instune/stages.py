@@ -2,6 +2,11 @@
 
 Each function is one stage, read top to bottom; `run_all` chains them. Output layout under `output_dir`:
   resolved_config.yaml   corpus/   base_model/   data/   train/   adapter/   merged/   eval/
+
+`output_dir` may be a cloud URI (s3://, gs://). Stages then write into a local scratch directory (`work_dir`)
+and `publish` each finished output to the URI, which readers use: training reads the prepared splits from it
+with Ray Data, and Ray Train keeps its checkpoints there (instune/storage.py says how a reader knows an output
+is complete). The base model stays in the scratch directory.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from instune import storage
 from instune.config import ExperimentConfig, write_resolved_config
 from instune.errors import UserError
 
@@ -39,9 +45,48 @@ def start_ray(scaling=None, dashboard: bool = False) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
+def work_dir(config: ExperimentConfig) -> Path:
+    """Where stages write: `output_dir` itself, or for a URI the local scratch directory published from."""
+    if not storage.is_uri(config.output_dir):
+        return Path(config.output_dir)
+    return Path(config.scratch_dir) if config.scratch_dir else \
+        storage.default_scratch_dir(config.output_dir, config.name)
+
+
 def output_paths(config: ExperimentConfig) -> dict[str, Path]:
-    root = Path(config.output_dir)
+    """Where each stage writes its output (under work_dir)."""
+    root = work_dir(config)
     return {name: root / name for name in ("corpus", "base_model", "data", "train", "adapter", "merged", "eval")}
+
+
+def published(config: ExperimentConfig, local: Path) -> str:
+    """Where readers find `local` (under work_dir): the path itself, or its place under a URI output_dir."""
+    if not storage.is_uri(config.output_dir):
+        return str(local)
+    return storage.join(config.output_dir, *local.relative_to(work_dir(config)).parts)
+
+
+def publish(config: ExperimentConfig, local: Path, marker: str = storage.SUCCESS) -> str:
+    """Upload the finished `local` (a file, or a directory replaced whole with `marker` last) to a URI
+    output_dir; nothing to do for a local one. Returns where it is published."""
+    location = published(config, local)
+    if storage.is_uri(config.output_dir):
+        if local.is_dir():
+            storage.publish_dir(local, location, marker)
+        else:
+            storage.upload_file(local, location)
+    return location
+
+
+def local_copy(config: ExperimentConfig, local: Path, marker: str = storage.SUCCESS) -> Path:
+    """`local` (under work_dir) holding the published output, downloaded from a URI output_dir unless it does."""
+    if storage.is_uri(config.output_dir):
+        storage.fetch_dir(published(config, local), local, marker)
+    return local
+
+
+def write_config(config: ExperimentConfig) -> None:
+    publish(config, write_resolved_config(config, work_dir(config)))
 
 
 def write_corpus(config: ExperimentConfig) -> None:
@@ -56,13 +101,14 @@ def write_corpus(config: ExperimentConfig) -> None:
 def base_model(config: ExperimentConfig) -> tuple[str, str]:
     from instune.base_model import resolve_base_model
 
-    return resolve_base_model(config.model, config.output_dir)
+    return resolve_base_model(config.model, work_dir(config))
 
 
 def check_inputs(config: ExperimentConfig) -> None:
     """Everything that can be checked before Ray starts: paths exist, files parse as configs say."""
     from instune.data.prepare import plan_sources
 
+    storage.check_output_location(config.output_dir, "output_dir")
     write_corpus(config)
     plan_sources(config.data.sources)
     for s in config.eval.sets:
@@ -72,11 +118,11 @@ def check_inputs(config: ExperimentConfig) -> None:
 
 
 def prepare_stage(config: ExperimentConfig) -> dict:
-    from instune.data.prepare import prepare
+    from instune.data.prepare import MANIFEST, prepare
 
     check_inputs(config)
     model_path, tokenizer_path = base_model(config)
-    write_resolved_config(config, config.output_dir)
+    write_config(config)
     eval_texts = []
     if config.data.filters.decontaminate is not None:
         from instune.eval.evaluate import split_prompt
@@ -85,6 +131,8 @@ def prepare_stage(config: ExperimentConfig) -> dict:
                       for s in load_eval_sets(config) for r in s.records]
     start_ray(config.scaling)
     manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts, model_path=model_path)
+    # Published with the manifest last: readers (load_manifest) take a prefix without it for unfinished.
+    publish(config, output_paths(config)["data"], MANIFEST)
     for name, c in manifest["sources"].items():
         print(f"[prepare] {name}: read {c['read']} kept {c['kept']} rejected {c['rejected']}")
     return manifest
@@ -95,24 +143,32 @@ def prepare_stage(config: ExperimentConfig) -> dict:
 CACHE_SPLIT_BYTES = 256 * 1024**2
 
 
-def read_split(split_dir: Path):
-    """A prepared split as a Ray Dataset: in the object store when small, streamed from its files otherwise."""
+def read_split(split_dir: str | Path):
+    """A prepared split (a local path or a URI) as a Ray Dataset: in the object store when small, streamed from
+    its files otherwise."""
     from instune.data.raydata import read_parquet
 
-    ds = read_parquet(str(split_dir))
-    size = sum(p.stat().st_size for p in split_dir.rglob("*.parquet"))
+    if storage.is_uri(split_dir):
+        # Ray Data gets the filesystem itself: the URI's options (region, endpoint) are not part of a path.
+        filesystem, path = storage.resolve(split_dir)
+        ds = read_parquet(path, filesystem=filesystem)
+    else:
+        ds = read_parquet(str(split_dir))
+    size = storage.total_size(split_dir, ".parquet")
     return ds.materialize() if size <= CACHE_SPLIT_BYTES else ds
 
 
 def train_stage(config: ExperimentConfig):
     """Train on the prepared data; returns TrainOutputs."""
-    from instune.data.prepare import load_manifest
+    from instune.data.prepare import MANIFEST, load_manifest
     from instune.train.trainer import TrainOutputs, export_model, loop_settings, run_ray_training, steps_for
 
+    storage.check_output_location(config.output_dir, "output_dir")
     paths = output_paths(config)
-    manifest = load_manifest(paths["data"])
+    data_dir = published(config, paths["data"])
+    manifest = load_manifest(data_dir)
     model_path, tokenizer_path = base_model(config)
-    write_resolved_config(config, config.output_dir)
+    write_config(config)
     s, t = config.scaling, config.train
     if config.data.stream and t.max_steps is None:
         raise UserError("train.max_steps: required with data.stream: true (streamed data has no row count "
@@ -127,11 +183,12 @@ def train_stage(config: ExperimentConfig):
     if config.data.stream:
         from instune.data.prepare import stream_train_data
 
-        # Phase 2 (mix, markers, tokenize, pack) runs as training reads; nothing is written.
-        train, validation = stream_train_data(config, tokenizer_path, paths["data"])
+        # Phase 2 (mix, markers, tokenize, pack) runs as training reads; nothing is written. It reads the
+        # filtered records from local files, so a URI output_dir's data is downloaded first.
+        train, validation = stream_train_data(config, tokenizer_path, local_copy(config, paths["data"], MANIFEST))
         datasets = {"train": train, **({"validation": validation} if validation is not None else {})}
     else:
-        datasets = {split: read_split(paths["data"] / split)
+        datasets = {split: read_split(storage.join(data_dir, split))
                     for split in ("train", "validation") if split in manifest["splits"]}
     print(f"[train] {config.peft.method} on {s.num_workers} workers, {total_steps} steps", flush=True)
     # The same output_dir resumes from its latest checkpoint (see instune/train/trainer.py).
@@ -139,12 +196,16 @@ def train_stage(config: ExperimentConfig):
         settings, datasets, num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
         gpus_per_worker=s.gpus_per_worker, placement_strategy=s.placement_strategy,
         storage_dir=paths["train"], run_name="run", max_failures=t.max_failures,
-        keep_checkpoints=t.keep_checkpoints)
+        keep_checkpoints=t.keep_checkpoints,
+        storage_uri=published(config, paths["train"]) if storage.is_uri(config.output_dir) else None)
     if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see {paths['train']}")
+        raise RuntimeError(f"training finished without a checkpoint; see {published(config, paths['train'])}")
     with result.checkpoint.as_directory() as checkpoint_dir:
         adapter_dir, merged_dir = export_model(Path(checkpoint_dir), model_path, tokenizer_path,
-                                               config.peft.method, Path(config.output_dir))
+                                               config.peft.method, work_dir(config))
+    for exported in (adapter_dir, merged_dir):
+        if exported is not None:
+            publish(config, exported)
     return TrainOutputs(adapter_dir, merged_dir, metrics_file, dict(result.metrics or {}))
 
 
@@ -191,9 +252,9 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
     results, predictions = evaluate_with_ray(model_path, sets, settings, num_actors=e.num_actors,
                                              use_gpu=config.scaling.use_gpu, base_model_path=base_path)
     eval_dir = output_paths(config)["eval"]
-    write_json(eval_dir / f"{label}.json", [r.to_dict() for r in results])
-    write_text(eval_dir / f"{label}_predictions.jsonl",
-               "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    publish(config, write_json(eval_dir / f"{label}.json", [r.to_dict() for r in results]))
+    publish(config, write_text(eval_dir / f"{label}_predictions.jsonl",
+                               "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)))
     return results
 
 
@@ -201,7 +262,8 @@ def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, dat
                      metrics_file: Path | None = None, before=None, after=None, before_label: str = "base",
                      after_label: str = "tuned") -> Path:
     """Write out_dir/report.html (self-contained) and report.md: eval results, learning curves from
-    `metrics_file`, the data report when `data`, and the config; returns the HTML path."""
+    `metrics_file`, the data report when `data`, and the config; returns the HTML path (published with the
+    rest when output_dir is a URI)."""
     from instune.config import config_to_yaml
     from instune.report.document import write_report
     from instune.report.sections import run_sections
@@ -209,7 +271,11 @@ def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, dat
     sections = run_sections(config_to_yaml(config), data_dir=output_paths(config)["data"] if data else None,
                             metrics_file=metrics_file, before=before, after=after, before_label=before_label,
                             after_label=after_label)
-    return write_report(out_dir, title, sections).html
+    report = write_report(out_dir, title, sections)
+    images = out_dir / f"{report.html.stem}_images"
+    for local in ([images] if images.is_dir() else []) + [report.md, report.html]:
+        publish(config, local)
+    return report.html
 
 
 def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
@@ -224,19 +290,21 @@ def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
 
     if not config.eval.sets:
         raise UserError("eval.sets: no eval sets configured; add at least one to evaluate")
-    model_path = model_path or str(output_paths(config)["merged"])
+    storage.check_output_location(config.output_dir, "output_dir")
+    model_path = model_path or str(local_copy(config, output_paths(config)["merged"]))
     model_path = check_eval_model(model_path, base_model(config)[0] if is_adapter_dir(model_path) else None,
                                   "--model")
     results = eval_stage(config, model_path, "eval")
-    base_file = output_paths(config)["eval"] / "base.json"
-    before = [SetResult.from_dict(d) for d in json.loads(base_file.read_text())] if base_file.is_file() else []
+    base_file = published(config, output_paths(config)["eval"] / "base.json")
+    before = [SetResult.from_dict(d) for d in json.loads(storage.read_text(base_file))] \
+        if storage.is_file(base_file) else []
     if sorted((r.name, r.examples) for r in before) != sorted((r.name, r.examples) for r in results):
         before, results = results, None
     report = write_report_for(config, output_paths(config)["eval"], f"{config.name}: eval of {model_path}",
                               data=False, before=before, after=results,
                               before_label="base" if results else "model", after_label="model")
     print(markdown_table(*per_set_rows(before, results)) + "\n\n" + markdown_table(*summary_rows(before, results)))
-    print(f"report: {report}")
+    print(f"report: {published(config, report)}")
     return report
 
 
@@ -257,18 +325,18 @@ def run_all(config: ExperimentConfig) -> dict:
     table = ""
     if config.eval.sets:
         table = markdown_table(*per_set_rows(before, after)) + "\n\n" + markdown_table(*summary_rows(before, after))
-        write_text(output_paths(config)["eval"] / "before_after.md", table + "\n")
-    report = write_report_for(config, Path(config.output_dir), f"{config.name}: run",
+        publish(config, write_text(output_paths(config)["eval"] / "before_after.md", table + "\n"))
+    report = write_report_for(config, work_dir(config), f"{config.name}: run",
                               metrics_file=outputs.metrics_file, before=before, after=after)
     print()
     print(table)
     print()
     print("wrote:")
-    for name, path in [("config", Path(config.output_dir) / "resolved_config.yaml"),
+    for name, path in [("config", work_dir(config) / "resolved_config.yaml"),
                        ("data", output_paths(config)["data"]), ("adapter", outputs.adapter_dir),
                        ("merged model", outputs.merged_dir), ("metrics", outputs.metrics_file),
                        ("eval", output_paths(config)["eval"]), ("report", report)]:
-        print(f"  {name:13s} {path}")
+        print(f"  {name:13s} {published(config, path) if path is not None else None}")
     return {"manifest": manifest, "before": before, "after": after, "outputs": outputs, "table": table}
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def read_parquet(path: str | Path):
+def read_parquet(path: str | Path, filesystem=None):
     """`ray.data.read_parquet` through Ray's V1 Parquet reader.
 
     Ray 2.60's default (V2) reader lists files through a pool of freshly started footer-reader actors on
     every read: 1.5-2 s of fixed cost per read on a 2-core machine, against 0.3 s for V1. Prepare, training
     and every sweep trial read many small outputs, so that cost was most of their wall time on small data.
-    The reader is chosen when the dataset is built; the caller's DataContext is left as it was.
+    The reader is chosen when the dataset is built; the caller's DataContext is left as it was. `filesystem`
+    (a pyarrow filesystem, `path` then on it) is for cloud storage: see instune.storage.resolve.
     """
     import ray.data
 
@@ -24,7 +25,7 @@ def read_parquet(path: str | Path):
     previous = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(str(path))
+        return ray.data.read_parquet(str(path), filesystem=filesystem)
     finally:
         context.use_datasource_v2 = previous
 

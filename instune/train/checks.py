@@ -75,22 +75,25 @@ def check_cluster_fits(num_workers: int, cpus_per_worker: float, gpus_per_worker
                             f"{available.get(resource, 0):g}")
 
 
-def check_resume_dir(run_dir: Path, method_settings, strategy: str, num_workers: int) -> None:
-    """A run directory that already holds checkpoints is resumed from; refuse ones this run cannot load."""
+def check_resume_dir(run_dir: str | Path, method_settings, strategy: str, num_workers: int) -> None:
+    """A run directory (a local path or a URI) that already holds checkpoints is resumed from; refuse ones
+    this run cannot load."""
     from dataclasses import asdict
 
+    from instune import storage
     from instune.train.checkpoint import METHOD_FILE, STATE_FILE
 
     # Ray Train names them checkpoint_<time>/, beside its checkpoint_manager_snapshot.json.
-    for checkpoint in sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()):
-        if not (checkpoint / STATE_FILE).is_file():
+    for name in storage.list_dirs(run_dir, prefix="checkpoint_"):
+        checkpoint = storage.join(run_dir, name)
+        if not storage.is_file(storage.join(checkpoint, STATE_FILE)):
             raise UserError(f"{checkpoint}: not a checkpoint this version of instune can resume from; "
                             f"delete {run_dir} to start over")
-        saved = json.loads((checkpoint / METHOD_FILE).read_text())
+        saved = json.loads(storage.read_text(storage.join(checkpoint, METHOD_FILE)))
         if saved != json.loads(json.dumps(asdict(method_settings))):
             raise UserError(f"{run_dir}: holds checkpoints of a different peft setting ({saved['method']}); "
                             "delete it or use another output_dir")
-        world = json.loads((checkpoint / STATE_FILE).read_text())["world_size"]
+        world = json.loads(storage.read_text(storage.join(checkpoint, STATE_FILE)))["world_size"]
         if strategy == "deepspeed" and world != num_workers:
             raise UserError(f"scaling.num_workers: {num_workers}, but {checkpoint} holds DeepSpeed shards of "
                             f"{world} workers; resume with {world} workers")

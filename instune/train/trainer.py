@@ -6,7 +6,8 @@ checkpoints to `storage_path`, FailureConfig restarts) rather than inside it.
 Resume: Ray Train V2 keeps a snapshot of the reported checkpoints in `storage_path/name`. A worker that dies
 is replaced and the group restarts from the latest checkpoint (up to `max_failures` times); a run started
 again with the same storage path and name (the same output_dir) restores that snapshot and continues from
-its latest checkpoint, so an interrupted `instune train` is resumed by running it again.
+its latest checkpoint, so an interrupted `instune train` is resumed by running it again. The storage path may
+be a cloud URI (s3://, gs://): Ray Train then uploads checkpoints there and restores from there, on any machine.
 """
 
 from __future__ import annotations
@@ -104,24 +105,31 @@ def make_metrics_callback(metrics_file: Path, total_steps: int, tensorboard_dir:
 def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int, use_gpu: bool,
                      cpus_per_worker: float, gpus_per_worker: float, placement_strategy: str,
                      storage_dir: Path, run_name: str, max_failures: int = 0, callbacks: tuple = (),
-                     keep_checkpoints: int = 2):
+                     keep_checkpoints: int = 2, storage_uri: str | None = None):
     """Run TorchTrainer on the given Ray Datasets; returns (Ray's Result, the metrics file).
 
     `callbacks`: more Ray Train UserCallbacks (a sweep's report to Tune). Checkpoints kept: the
     `keep_checkpoints` best by eval_loss when there is validation data, else the latest (Ray always keeps
-    the latest too, for resume). Raises UserError, before any worker starts, when the cluster cannot place
-    the workers or `storage_dir/run_name` holds checkpoints this run cannot resume from.
+    the latest too, for resume). `storage_uri`: a cloud URI that is Ray Train's storage path instead of
+    `storage_dir`; metrics are still written under `storage_dir/run_name` as the run goes, and copied beside
+    the checkpoints when it ends. Raises UserError, before any worker starts, when the cluster cannot place
+    the workers or the run directory holds checkpoints this run cannot resume from.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from instune import storage
     from instune.train.checks import check_cluster_fits, check_resume_dir
 
     check_cluster_fits(num_workers, cpus_per_worker, gpus_per_worker, use_gpu)
     run_dir = storage_dir / run_name
-    check_resume_dir(run_dir, settings.method, settings.strategy, num_workers)
+    remote_run_dir = storage.join(storage_uri, run_name) if storage_uri else None
+    check_resume_dir(remote_run_dir or run_dir, settings.method, settings.strategy, num_workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / METRICS_FILE
+    if remote_run_dir and not metrics_file.exists() and storage.is_file(storage.join(remote_run_dir, METRICS_FILE)):
+        # Resumed on another machine: the metrics of the steps before go on in the same file.
+        metrics_file.write_bytes(storage.read_bytes(storage.join(remote_run_dir, METRICS_FILE)))
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker or 1
@@ -134,7 +142,7 @@ def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int
                                                placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage_dir.resolve()),
+            storage_path=storage_uri or str(storage_dir.resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=keep_checkpoints,
@@ -145,4 +153,8 @@ def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int
         ),
         datasets=datasets,
     )
-    return trainer.fit(), metrics_file
+    try:
+        return trainer.fit(), metrics_file
+    finally:
+        if remote_run_dir:
+            storage.upload_files(run_dir, remote_run_dir)  # metrics.jsonl and tensorboard/

@@ -38,10 +38,11 @@ def test_relative_output_dir_is_refused_with_the_field_named(tiny_config):
         check_paths_for_cluster(config, "c.yaml")
 
 
-def test_uri_output_dir_is_refused_with_the_way_to_mount_it(tiny_config):
-    config = tiny_config(Path("/unused"), ["output_dir=s3://bucket/tiny"])
-    with pytest.raises(UserError, match=r"output_dir: s3://bucket/tiny is a URI.*mount"):
-        check_paths_for_cluster(config, "c.yaml")
+def test_uri_output_dir_passes_and_a_uri_corpus_dir_is_refused_at_load(tiny_config, tmp_path):
+    config = tiny_config(Path("/unused"), ["output_dir=s3://bucket/tiny", f"data.corpus.dir={tmp_path}/corpus"])
+    check_paths_for_cluster(config, "c.yaml")
+    with pytest.raises(UserError, match=r"data\.corpus\.dir: .*s3://bucket/tiny/corpus is a URI.*local path"):
+        tiny_config(Path("/unused"), ["output_dir=s3://bucket/tiny"])
 
 
 def test_relative_corpus_dir_and_inputs_under_outputs_are_refused(tiny_config, tmp_path):

@@ -1,0 +1,46 @@
+"""A real S3 endpoint for the tests of cloud outputs: moto's server on 127.0.0.1, in this process."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+# Fake credentials: moto accepts any. No instance-metadata lookups (nothing answers them here).
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """host:port of an S3 server for the session; its credentials are in os.environ while it runs, so Ray
+    processes started after it inherit them."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_uri(s3_endpoint):
+    """A function: path inside a new empty bucket -> its s3:// URI, with the endpoint as pyarrow's options."""
+    import boto3
+
+    bucket = f"instune-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=f"http://{s3_endpoint}").create_bucket(Bucket=bucket)
+
+    def uri(path: str = "") -> str:
+        return f"s3://{bucket}/{path.strip('/')}?endpoint_override={s3_endpoint}&scheme=http"
+
+    return uri
