@@ -19,8 +19,10 @@ import pyarrow as pa
 
 from instune.data.tokenize import IGNORE_INDEX
 
+# Token ids, labels and positions are int32 (every vocabulary and context length fits): half the bytes to
+# write, to hold in the object store and to read back every epoch. Training widens them to int64 tensors.
 PACKED_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())), ("position_ids", pa.list_(pa.int64())),
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("position_ids", pa.list_(pa.int32())),
     ("num_examples", pa.int64()), ("num_target_tokens", pa.int64()), ("num_tokens", pa.int64()),
     ("sources", pa.list_(pa.string())),
 ])
@@ -78,8 +80,8 @@ def rows_table(bins: list[Bin], seq_len: int, pad_id: int) -> pa.Table:
     offsets = pa.array(np.arange(len(bins) + 1, dtype=np.int32) * seq_len)
 
     def column(parts: list[np.ndarray]) -> pa.Array:
-        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return pa.ListArray.from_arrays(offsets, pa.array(values, pa.int64()))
+        values = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+        return pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32()))
 
     return pa.Table.from_arrays([
         column(ids), column(labels), column(positions),

@@ -11,16 +11,27 @@ degenerate loops and pasted junk do not.
 
 from __future__ import annotations
 
-from collections import Counter
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import regex
+
+# A whitespace-separated word with at least one letter (\p{L}: the categories str.isalpha() accepts). The
+# lookbehind anchors every match at a word's start, so a long run without letters costs linear time.
+_PROSE_WORD = regex.compile(r"(?<!\S)\S*?\p{L}\S*")
+# One odd multiplier per position in an n-gram, so "a b" and "b a" hash apart.
+_POSITION_MULTIPLIERS = np.random.default_rng(4242).integers(1, 2**63, size=64, dtype=np.uint64) * 2 + 1
 
 
+@functools.lru_cache(maxsize=256)
 def _normalise_phrase(text: str) -> str:
     return " ".join(text.lower().replace("\u2019", "'").split())
 
 
 def refusal_phrase(text: str, phrases: list[str]) -> str | None:
     """The first configured boilerplate/refusal phrase found in `text` (case and spacing ignored), else None."""
-    normalised = _normalise_phrase(text)
+    normalised = " ".join(text.lower().replace("\u2019", "'").split())
     for phrase in phrases:
         if _normalise_phrase(phrase) in normalised:
             return phrase
@@ -40,35 +51,99 @@ def duplicate_line_char_fraction(text: str) -> float:
     return repeated / total if total else 0.0
 
 
+# The n-gram rules work on one integer per word (Python's string hash: only compared within one call). Every
+# n-gram's hash comes from one prefix sum, sum_k h[i+k] B^(i+k), times B^-i (B odd, so invertible mod 2^64),
+# so each rule is a few array operations whatever n is, instead of a tuple per window.
+_BASE = 0x9E3779B97F4A7C15
+_powers = np.ones(1, dtype=np.uint64)
+_inverse_powers = np.ones(1, dtype=np.uint64)
+
+
+def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B^i, B^-i) mod 2^64 for i < size, grown by doubling and kept."""
+    global _powers, _inverse_powers
+    if len(_powers) < size:
+        length = max(size, 2 * len(_powers))
+        _powers = np.cumprod(np.r_[np.uint64(1), np.full(length - 1, _BASE, dtype=np.uint64)], dtype=np.uint64)
+        inverse = np.full(length - 1, pow(_BASE, -1, 2**64), dtype=np.uint64)
+        _inverse_powers = np.cumprod(np.r_[np.uint64(1), inverse], dtype=np.uint64)
+    return _powers[:size], _inverse_powers[:size]
+
+
+@dataclass
+class _Words:
+    prefix: np.ndarray  # prefix[i]: sum of h[k] B^k for k < i (mod 2^64)
+    ends: np.ndarray  # ends[i]: characters in the first i words
+    inverse: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.ends) - 1
+
+    @property
+    def total(self) -> int:
+        return int(self.ends[-1])
+
+    def windows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(one hash per word n-gram window, characters in each window's words)."""
+        count = self.count - n + 1
+        grams = (self.prefix[n:] - self.prefix[:count]) * self.inverse[:count]
+        return grams, self.ends[n:] - self.ends[:count]
+
+
+def _word_arrays(words: list[str]) -> _Words:
+    hashes = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    powers, inverse = _power_tables(len(words) + 1)
+    zero = np.zeros(1, dtype=np.uint64)
+    prefix = np.concatenate([zero, np.cumsum(hashes * powers[: len(words)], dtype=np.uint64)])
+    return _Words(prefix, np.concatenate([[0], np.cumsum(lengths)]), inverse)
+
+
+def _repeats(grams: np.ndarray) -> bool:
+    ordered = np.sort(grams)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
+def _top_fraction(words: _Words, n: int) -> float:
+    if words.count < n or not words.total:
+        return 0.0
+    grams, chars = words.windows(n)
+    if not _repeats(grams):
+        return 0.0
+    _, first, counts = np.unique(grams, return_index=True, return_counts=True)
+    count = int(counts.max())
+    # Among equally frequent n-grams the one seen first counts, as Counter.most_common(1) would pick.
+    return min(1.0, int(chars[first[counts == count].min()]) * count / words.total)
+
+
+def _duplicate_fraction(words: _Words, n: int) -> float:
+    if words.count < n or not words.total:
+        return 0.0
+    grams, chars = words.windows(n)
+    if not _repeats(grams):  # nothing repeats: the usual case, no walk needed
+        return 0.0
+    seen: set[int] = set()
+    repeated = i = 0
+    grams, chars = grams.tolist(), chars.tolist()
+    while i < len(grams):
+        if grams[i] in seen:
+            repeated += chars[i]
+            i += n  # count each repeated stretch once, as Gopher does
+        else:
+            seen.add(grams[i])
+            i += 1
+    return repeated / words.total
+
+
 def top_ngram_char_fraction(words: list[str], n: int) -> float:
     """Characters covered by the most frequent word n-gram (if it repeats), over all word characters."""
-    total = sum(len(w) for w in words)
-    if len(words) < n or not total:
-        return 0.0
-    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    gram, count = counts.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    return min(1.0, sum(len(w) for w in gram) * count / total)
+    return _top_fraction(_word_arrays(words), n)
 
 
 def duplicate_ngram_char_fraction(words: list[str], n: int) -> float:
     """Characters in word n-grams that repeat an earlier n-gram (non-overlapping), over all word characters."""
-    total = sum(len(w) for w in words)
-    if len(words) < n or not total:
-        return 0.0
-    seen: set[tuple[str, ...]] = set()
-    repeated = 0
-    i = 0
-    while i <= len(words) - n:
-        gram = tuple(words[i : i + n])
-        if gram in seen:
-            repeated += sum(len(w) for w in gram)
-            i += n  # count each repeated stretch once, as Gopher does
-        else:
-            seen.add(gram)
-            i += 1
-    return repeated / total
+    return _duplicate_fraction(_word_arrays(words), n)
 
 
 def text_quality_problem(
@@ -91,11 +166,11 @@ def text_quality_problem(
     # Prose words carry a letter; numbers, operators and brackets do not. Counting only prose here keeps
     # long number lists, JSON and worked arithmetic out of the word rules, and keeps "=" and "12" from
     # dragging the mean word length down.
-    prose = [w for w in words if any(ch.isalpha() for ch in w)]
+    prose = _PROSE_WORD.findall(text)
     if len(prose) < min_words:
         return None
 
-    mean_length = sum(len(w) for w in prose) / len(prose)
+    mean_length = sum(map(len, prose)) / len(prose)
     if mean_length < min_mean_word_length:
         return f"mean word length {mean_length:.1f} is below {min_mean_word_length}"
     if mean_length > max_mean_word_length:
@@ -110,13 +185,13 @@ def text_quality_problem(
     if duplicate_lines > max_duplicate_line_char_fraction:
         limit = max_duplicate_line_char_fraction
         return f"{duplicate_lines:.0%} of characters are in repeated lines, above {limit:.0%}"
-    lowered = [w.lower() for w in words]
+    lowered = _word_arrays(text.lower().split())
     for n, limit in sorted(max_top_ngram_char_fraction.items()):
-        fraction = top_ngram_char_fraction(lowered, n)
+        fraction = _top_fraction(lowered, n)
         if fraction > limit:
             return f"the most frequent {n}-gram covers {fraction:.0%} of characters, above {limit:.0%}"
     for n, limit in sorted(max_duplicate_ngram_char_fraction.items()):
-        fraction = duplicate_ngram_char_fraction(lowered, n)
+        fraction = _duplicate_fraction(lowered, n)
         if fraction > limit:
             return f"repeated {n}-grams cover {fraction:.0%} of characters, above {limit:.0%}"
     return None

@@ -105,3 +105,61 @@ def test_duplicate_ngram_fraction():
 def test_degenerate_loop_is_caught_by_defaults():
     loop = "I think the answer is correct and complete. " * 12
     assert problem(loop) is not None
+
+
+# ---- the array-based n-gram rules against the plain tuple-based definitions they replace
+
+
+def reference_top(words: list[str], n: int) -> float:
+    from collections import Counter
+
+    total = sum(len(w) for w in words)
+    if len(words) < n or not total:
+        return 0.0
+    gram, count = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+    return 0.0 if count < 2 else min(1.0, sum(len(w) for w in gram) * count / total)
+
+
+def reference_duplicate(words: list[str], n: int) -> float:
+    total = sum(len(w) for w in words)
+    if len(words) < n or not total:
+        return 0.0
+    seen, repeated, i = set(), 0, 0
+    while i <= len(words) - n:
+        gram = tuple(words[i : i + n])
+        if gram in seen:
+            repeated += sum(len(w) for w in gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated / total
+
+
+def test_ngram_rules_equal_their_tuple_definitions_on_repetitive_and_real_text():
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(0)
+    texts = []
+    for _ in range(300):  # small vocabularies repeat n-grams often, with ties between equally frequent ones
+        vocab = [f"w{k}" * rng.randint(1, 3) for k in range(rng.randint(2, 12))]
+        texts.append(" ".join(rng.choices(vocab, k=rng.randint(0, 80))))
+    shared = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "alpaca_seed_tasks.jsonl"
+    if shared.is_file():
+        for line in shared.read_text().splitlines():
+            texts += [i["output"] for i in json.loads(line)["instances"]]
+    for text in texts:
+        words = text.lower().split()
+        for n in (1, 2, 3, 5, 7):
+            assert top_ngram_char_fraction(words, n) == reference_top(words, n), (text, n)
+            assert duplicate_ngram_char_fraction(words, n) == reference_duplicate(words, n), (text, n)
+
+
+def test_prose_words_are_the_words_with_a_letter():
+    from instune.data.filters.quality import _PROSE_WORD
+
+    text = "Étude 12 x=3 ½ ⅻ ² naïve\t{\"a\": 1}\n\n--- 9b ... 你好 _ a_b 3.14 Ⅻ"
+    assert _PROSE_WORD.findall(text) == [w for w in text.split() if any(ch.isalpha() for ch in w)]
+    assert len(_PROSE_WORD.findall("1" * 200_000 + " a")) == 1  # a long run without letters stays linear
