@@ -25,7 +25,7 @@ from ray.data.aggregate import Count, Min
 
 from instune.data.dedup.exact import ORDER_COLUMN, collect, id_of, order_key
 from instune.data.filters import mark_table, reject_for_record, split_marked
-from instune.data.filters.decontaminate import mix64, ngram_hashes
+from instune.data.filters.decontaminate import batch_ngram_hashes, mix64
 from instune.data.raydata import task_shuffle
 from instune.data.schema import record_text
 
@@ -54,12 +54,10 @@ def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, seed: int = 0) -> np.ndarray:
     """uint32 array (len(texts), num_perm): per permutation, the minimum hash over each text's word shingles."""
     multipliers, offsets = _permutations(num_perm, seed)
-    per_text = [ngram_hashes(shingle_tokens(text), ngram) for text in texts]
-    counts = np.array([len(h) for h in per_text], dtype=np.int64)
+    shingles, counts = batch_ngram_hashes([shingle_tokens(text) for text in texts], ngram)
     signatures = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
     if not counts.sum():
         return signatures
-    shingles = np.concatenate(per_text)
     owner = np.repeat(np.arange(len(texts)), counts)
     for start in range(0, len(shingles), _CHUNK_SHINGLES):
         chunk, chunk_owner = shingles[start : start + _CHUNK_SHINGLES], owner[start : start + _CHUNK_SHINGLES]

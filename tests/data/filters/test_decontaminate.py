@@ -67,3 +67,22 @@ def test_short_eval_prompt_is_caught_only_as_a_whole_message():
     )
     assert check_contamination(conversation("What is 17 + 26?", "43"), index, 13) is None
     assert check_contamination(conversation("So, what is 17 + 25?", "42"), index, 13) is None
+
+
+def test_batch_ngram_hashes_equal_per_text_hashes():
+    """The one-pass batch version (MinHash uses it) gives every text's n-gram hashes, short texts included."""
+    import random
+
+    import numpy as np
+
+    from instune.data.filters.decontaminate import batch_ngram_hashes, ngram_hashes
+
+    rng = random.Random(1)
+    for _ in range(300):
+        lists = [[rng.choice("abcdefg") for _ in range(rng.choice([0, 0, 1, 2, 3, 4, 5, 6, 9, 20]))]
+                 for _ in range(rng.randint(0, 12))]
+        for n in (1, 2, 5):
+            got, counts = batch_ngram_hashes(lists, n)
+            want = [ngram_hashes(tokens, n) for tokens in lists]
+            assert counts.tolist() == [len(w) for w in want]
+            assert got.tolist() == (np.concatenate(want).tolist() if want else [])
