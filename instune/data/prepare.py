@@ -101,17 +101,35 @@ def _group_counts(batch: pa.Table, columns: list[str]) -> pa.Table:
     return batch.group_by(columns).aggregate([([], "count_all")])
 
 
-def count_by(ds, columns: list[str]) -> dict[tuple, int]:
-    """{(values of `columns`): rows}: counted per block and summed here, so no shuffle and no actors are needed
-    (the distinct keys are few: sources, stages)."""
-    from instune.data.dedup.exact import collect
+def count_rows_of(table: pa.Table, columns: list[str]) -> dict[tuple, int]:
+    """{(values of `columns`): rows} of an Arrow table."""
+    return {tuple(row[c] for c in columns): row["count_all"] for row in _group_counts(table, columns).to_pylist()}
 
-    counts = collect(ds.select_columns(columns).map_batches(_group_counts, fn_kwargs={"columns": columns},
-                                                             batch_format="pyarrow"))
-    totals = Counter()
-    for row in counts.to_pylist() if counts is not None else []:
-        totals[tuple(row[c] for c in columns)] += row["count_all"]
-    return dict(totals)
+
+def read_columns(directory: str | Path, columns: list[str]) -> pa.Table | None:
+    """`columns` of every Parquet file under `directory`, read in this process; None when there are none.
+
+    For the small columns the accounting needs (sources, ids): one pyarrow read costs a fraction of the
+    second that starting a Ray Data job does.
+    """
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    from instune.storage import resolve
+
+    fs, path = resolve(directory)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    return table if table.num_rows else None
+
+
+def count_rows(directory: str | Path, columns: list[str]) -> dict[tuple, int]:
+    """{(values of `columns`): rows} over the Parquet files under `directory`."""
+    table = read_columns(directory, columns)
+    if table is None:
+        return {}
+    return count_rows_of(table, columns)
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -243,12 +261,11 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
 
     names = [s.name for s in sources]
     read_counts = {n: 0 for n in names}
-    for (source,), n in count_by(read_parquet(str(staging)), ["source"]).items():
+    for (source,), n in count_rows(staging, ["source"]).items():
         read_counts[source] = n
     kept_counts = {n: 0 for n in names}
-    if (out_dir / "filtered").exists():
-        for (source,), n in count_by(read_parquet(str(out_dir / "filtered")), ["source"]).items():
-            kept_counts[source] = n
+    for (source,), n in count_rows(out_dir / "filtered", ["source"]).items():
+        kept_counts[source] = n
     kinds = []
     if (out_dir / "quarantine").exists():
         kinds = reject_kinds(read_parquet(str(out_dir / "quarantine")))
@@ -430,11 +447,11 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
 def drawn_counts(filtered_dir: Path, split: str, copies: dict[str, float], seed: int,
                  validation_fraction: float) -> dict[str, int]:
     """{source: records drawn into `split`}, from the ids alone (no messages are read, nothing tokenized)."""
-    drawn = (read_parquet(str(filtered_dir)).select_columns(["id", "source"])
-             .map_batches(draw_batch, batch_format="pyarrow",
-                          fn_kwargs={"split": split, "copies_by_source": copies, "seed": seed,
-                                     "validation_fraction": validation_fraction}))
-    return {source: n for (source,), n in count_by(drawn, ["source"]).items()}
+    ids = read_columns(filtered_dir, ["id", "source"])
+    if ids is None:
+        return {}
+    drawn = draw_batch(ids, split, copies, seed, validation_fraction)
+    return {source: n for (source,), n in count_rows_of(drawn, ["source"]).items()}
 
 
 def packed_stats(split_dir: Path, seq_len: int) -> dict:
