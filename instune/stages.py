@@ -85,6 +85,22 @@ def local_copy(config: ExperimentConfig, local: Path, marker: str = storage.SUCC
     return local
 
 
+def check_scratch_reachable(config: ExperimentConfig, needs: str) -> None:
+    """Raise UserError when a URI output_dir's default scratch directory is on this node only, but the Ray
+    cluster has more nodes and the stage's Ray tasks use it (`needs` says how). Without this check, prepare's
+    write tasks on other nodes would write to their own disks, and the published data would silently lack
+    their files. A configured scratch_dir is taken to be on storage every node mounts."""
+    import ray
+
+    if not storage.is_uri(config.output_dir) or config.scratch_dir is not None:
+        return
+    others = sum(1 for node in ray.nodes() if node["Alive"]) - 1
+    if others > 0:
+        raise UserError(f"scratch_dir: with output_dir {config.output_dir}, {needs} in the scratch directory "
+                        f"{work_dir(config)}, which the {others} other nodes of this Ray cluster cannot see; set "
+                        f"scratch_dir to a path every node mounts, or run this stage on one node")
+
+
 def write_config(config: ExperimentConfig) -> None:
     publish(config, write_resolved_config(config, work_dir(config)))
 
@@ -130,6 +146,7 @@ def prepare_stage(config: ExperimentConfig) -> dict:
         eval_texts = ["\n".join(m["content"] for m in split_prompt(r["messages"])[0])
                       for s in load_eval_sets(config) for r in s.records]
     start_ray(config.scaling)
+    check_scratch_reachable(config, "prepare's Ray Data tasks write the data")
     manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts, model_path=model_path)
     # Published with the manifest last: readers (load_manifest) take a prefix without it for unfinished.
     publish(config, output_paths(config)["data"], MANIFEST)
@@ -180,6 +197,10 @@ def train_stage(config: ExperimentConfig):
 
     check_training_plan(settings, packed=config.data.pack)
     start_ray(config.scaling)
+    if config.model.path is None:
+        check_scratch_reachable(config, "the training workers load the embedded base model")
+    if config.data.stream:
+        check_scratch_reachable(config, "the training workers read the prepared records (data.stream)")
     if config.data.stream:
         from instune.data.prepare import stream_train_data
 
@@ -249,6 +270,8 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
                             seed=e.seed)
     print(f"[eval] {label}: {sum(len(s.records) for s in sets)} examples in {len(sets)} sets", flush=True)
     start_ray(config.scaling)
+    if any(Path(path).resolve().is_relative_to(work_dir(config).resolve()) for path in (model_path, base_path) if path):
+        check_scratch_reachable(config, "the eval actors load the model")
     results, predictions = evaluate_with_ray(model_path, sets, settings, num_actors=e.num_actors,
                                              use_gpu=config.scaling.use_gpu, base_model_path=base_path)
     eval_dir = output_paths(config)["eval"]
@@ -349,12 +372,18 @@ def sweep_stage(config: ExperimentConfig):
     check_sweep(config, config.model_dump(mode="json"))
     check_inputs(config)
     start_ray(config.scaling, dashboard=True)
+    check_scratch_reachable(config, "the sweep's trials read their data and write their files")
     data_dir = output_paths(config)["data"]
-    manifest = load_manifest(data_dir) if (data_dir / MANIFEST).is_file() else None
+    data = published(config, data_dir)
+    manifest = load_manifest(data) if storage.is_file(storage.join(data, MANIFEST)) else None
     if manifest is None or not is_prepared_for(manifest, config):
         manifest = prepare_stage(config)
     else:
-        print(f"[sweep] reusing the prepared data in {data_dir}", flush=True)
+        # Trials mix from the local files (data/filtered): a bucket's copy is downloaded unless it is here.
+        local_copy(config, data_dir, MANIFEST)
+        print(f"[sweep] reusing the prepared data in {data}", flush=True)
     model_path, tokenizer_path = base_model(config)
     eval_sets = load_eval_sets(config)
-    return run_sweep(config, eval_sets, manifest, model_path, tokenizer_path, data_dir)
+    sweep_dir = work_dir(config) / "sweep"
+    return run_sweep(config, eval_sets, manifest, model_path, tokenizer_path, data_dir, sweep_dir,
+                     published(config, sweep_dir) if storage.is_uri(config.output_dir) else None)

@@ -141,6 +141,28 @@ def upload_files(local_dir: str | os.PathLike, location: str | os.PathLike) -> N
         list(pool.map(lambda p: _upload(p, fs, f"{root}/{p.relative_to(local_dir).as_posix()}"), files))
 
 
+def delete_dir(location: str | os.PathLike) -> None:
+    """Remove `location` and everything under it; nothing to do when it does not exist."""
+    fs, path = resolve(location)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def download_files(location: str | os.PathLike, local_dir: str | os.PathLike, skip=lambda relative: False) -> None:
+    """Copy every file under `location` into `local_dir`, over what is there, except those whose path
+    relative to `location` `skip` names."""
+    fs, root = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    for info in infos:
+        relative = info.path[len(root.rstrip("/")) + 1:]
+        if info.type == pafs.FileType.File and not skip(relative):
+            target = Path(local_dir, relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(target), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+
 def publish_dir(local_dir: str | os.PathLike, location: str | os.PathLike, marker: str = SUCCESS) -> None:
     """Replace `location` with a copy of the finished `local_dir`, its `marker` file uploaded last.
 

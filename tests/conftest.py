@@ -16,8 +16,11 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 def s3_endpoint():
     """host:port of an S3 server for the session; its credentials are in os.environ while it runs, so Ray
     processes started after it inherit them."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ray import tune
 
+from instune import storage
 from instune.atomic import atomic_dir, write_text
 from instune.tune.objective import KINDS, MEASURE_PREFIXES, mode_of, with_objective
 from instune.tune.trial import ERROR_FILE, FINAL_FILE, SAMPLED_FILE, TRIAL_FILE, trial_dir_of
@@ -142,7 +143,7 @@ def best_config_tree(tree: dict, best: dict, plan, sweep_dir: Path) -> dict:
                                       "domain": name, "weight": w} for name, w in weights.items()]
     config["sweep"] = None
     config["name"] = f"{tree['name']}-best"
-    config["output_dir"] = str(Path(tree["output_dir"]) / "best")
+    config["output_dir"] = storage.join(tree["output_dir"], "best")
     return config
 
 

@@ -8,6 +8,11 @@ Everything the sweep writes is under `<output_dir>/sweep/`:
   tune/               Tune's experiment state: an interrupted sweep resumes from it
   trials/<id>/        one trial's values, training run, adapter and final metrics (trial.py)
   results.md, results.csv, best_config.yaml, plots/   (report.py)
+
+With a URI output_dir, `tune/` and the trials' Train runs live in the bucket (Tune's and Ray Train's storage
+path), the trials' files are copied there as each ends, and the results are uploaded at the end. The trials
+read their inputs (data/filtered, eval_data/) from the driver's scratch directory, so such a sweep runs its
+trials on the driver's node.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from instune import storage
 from instune.errors import UserError
 from instune.tune.objective import mode_of, sets_needed
 from instune.tune.report import SweepPaths
 from instune.tune.space import check_param_paths, mix_names, param_space
-from instune.tune.trial import TrialPlan, run_trial
+from instune.tune.trial import RESULT_FILES, TRIALS_DIR, TrialPlan, run_trial
 
 TUNE_DIR = "tune"
 SWEEP_CONFIG = "sweep_config.yaml"
@@ -53,10 +59,11 @@ def check_mix_names(names: list[str], available: list[str], what: str) -> None:
         raise UserError(f"sweep.mix: give every {what} a weight (0 leaves it out); missing: {', '.join(unweighted)}")
 
 
-def check_same_sweep(sweep_dir: Path, config_yaml: str) -> None:
-    """A sweep directory belongs to one config: resuming it under another would mix incomparable trials."""
-    recorded = sweep_dir / SWEEP_CONFIG
-    if recorded.is_file() and recorded.read_text(encoding="utf-8") != config_yaml:
+def check_same_sweep(sweep_dir: str | Path, config_yaml: str) -> None:
+    """A sweep directory (a path or a URI) belongs to one config: resuming it under another would mix
+    incomparable trials."""
+    recorded = storage.join(sweep_dir, SWEEP_CONFIG)
+    if storage.is_file(recorded) and storage.read_text(recorded) != config_yaml:
         raise UserError(f"{sweep_dir}: holds a sweep of a different config ({recorded}); delete that directory "
                         "or set another output_dir to start a new sweep")
 
@@ -96,7 +103,7 @@ def mixing_inputs(config, manifest: dict, data_dir: Path, sweep_dir: Path) -> tu
 
 
 def trial_plan(config, tree: dict, eval_sets: list, model_path: str, tokenizer_path: str, filtered_dir: Path,
-               kept: dict[str, int], sweep_dir: Path) -> TrialPlan:
+               kept: dict[str, int], sweep_dir: Path, sweep_uri: str | None = None) -> TrialPlan:
     from instune.eval.evaluate import EvalSettings
     from instune.tune.eval_data import tokenize_eval_sets
 
@@ -112,7 +119,8 @@ def trial_plan(config, tree: dict, eval_sets: list, model_path: str, tokenizer_p
         eval_sets=eval_sets if sweep.final_eval else [],
         eval_settings=EvalSettings(max_length=m.max_length, max_new_tokens=e.max_new_tokens,
                                    batch_size=e.batch_size, dtype=m.dtype, do_sample=e.do_sample,
-                                   temperature=e.temperature, top_p=e.top_p, seed=e.seed))
+                                   temperature=e.temperature, top_p=e.top_p, seed=e.seed),
+        sweep_uri=sweep_uri)
 
 
 def trial_dirname(trial) -> str:
@@ -120,18 +128,27 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurrency: int):
-    """A new Tuner, or the interrupted one restored: finished and failed trials stay, the rest run."""
+def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurrency: int,
+               experiment_uri: str | None = None):
+    """A new Tuner, or the interrupted one restored: finished and failed trials stay, the rest run.
+    Tune's state goes to `experiment_uri` when given (a URI output_dir), else to `experiment_dir`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from instune.tune.report import TrialLines
 
-    if tune.Tuner.can_restore(str(experiment_dir)):
-        print(f"[sweep] resuming {experiment_dir}", flush=True)
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
+    if experiment_uri:
+        # Tune gets the filesystem itself: the URI's options (region, endpoint) are not part of a path.
+        filesystem, experiment_path = storage.resolve(experiment_uri)
+        storage_path = experiment_path.rsplit("/", 1)[0]
+    else:
+        filesystem, experiment_path = None, str(experiment_dir)
+        storage_path = str(experiment_dir.parent.resolve())
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        print(f"[sweep] resuming {experiment_uri or experiment_dir}", flush=True)
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False, storage_filesystem=filesystem)
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -154,15 +171,16 @@ def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurre
                                     # frees the run's placement group only once that actor is dead: a reused
                                     # actor kept an ASHA-stopped trial's CPUs, and the next trial waited forever.
                                     reuse_actors=False),
-        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent.resolve()),
-                                  callbacks=[TrialLines()], verbose=0,
+        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=storage_path,
+                                  storage_filesystem=filesystem, callbacks=[TrialLines()], verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 
 
 def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenizer_path: str,
-              data_dir: Path) -> SweepPaths:
-    """Run (or resume) the sweep on the connected Ray cluster and write its results; returns where they are."""
+              data_dir: Path, sweep_dir: Path, sweep_uri: str | None = None) -> SweepPaths:
+    """Run (or resume) the sweep on the connected Ray cluster and write its results into `sweep_dir` (and
+    `sweep_uri`, for a URI output_dir); returns where they are."""
     import ray
     from ray import tune
 
@@ -170,13 +188,14 @@ def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenize
     from instune.config import config_to_yaml
     from instune.tune.report import write_results
 
-    sweep_dir = Path(config.output_dir) / "sweep"
     config_yaml = config_to_yaml(config)
-    check_same_sweep(sweep_dir, config_yaml)
+    check_same_sweep(sweep_uri or sweep_dir, config_yaml)
     write_text(sweep_dir / SWEEP_CONFIG, config_yaml)
+    if sweep_uri:
+        storage.upload_file(sweep_dir / SWEEP_CONFIG, storage.join(sweep_uri, SWEEP_CONFIG))
     tree = config.model_dump(mode="json")
     filtered_dir, kept = mixing_inputs(config, manifest, data_dir, sweep_dir)
-    plan = trial_plan(config, tree, eval_sets, model_path, tokenizer_path, filtered_dir, kept, sweep_dir)
+    plan = trial_plan(config, tree, eval_sets, model_path, tokenizer_path, filtered_dir, kept, sweep_dir, sweep_uri)
 
     concurrency = max_concurrent_trials(config.scaling, ray.cluster_resources(), config.sweep.max_concurrent_trials)
     # The trial function mostly waits on its Train run; the CPUs of its data pipeline and eval are budgeted
@@ -189,8 +208,21 @@ def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenize
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     experiment_dir = sweep_dir / TUNE_DIR
     t = config.train
-    tuner = make_tuner(trainable, config.sweep, t.eval_every or t.log_every, experiment_dir, concurrency)
+    tuner = make_tuner(trainable, config.sweep, t.eval_every or t.log_every, experiment_dir, concurrency,
+                       storage.join(sweep_uri, TUNE_DIR) if sweep_uri else None)
     print(f"[sweep] {config.sweep.search} search, {config.sweep.scheduler} scheduler, up to {concurrency} "
           f"trials at once; objective {config.sweep.objective} ({mode_of(config.sweep.objective)})", flush=True)
     results = tuner.fit()
-    return write_results(results, plan, config.sweep, tree, sweep_dir, experiment_dir)
+    if not sweep_uri:
+        return write_results(results, plan, config.sweep, tree, sweep_dir, experiment_dir)
+    # Trials that ended before a restart, perhaps on another machine, left their files in the bucket only.
+    storage.download_files(storage.join(sweep_uri, TRIALS_DIR), sweep_dir / TRIALS_DIR,
+                           skip=lambda relative: relative.split("/", 1)[-1] not in RESULT_FILES)
+    paths = write_results(results, plan, config.sweep, tree, sweep_dir, experiment_dir)
+    for local in [paths.results_md, paths.results_csv, paths.best_config, sweep_dir / "plots",
+                  sweep_dir / "best_sources"]:
+        if local is not None and local.is_file():
+            storage.upload_file(local, storage.join(sweep_uri, local.name))
+        elif local is not None and local.is_dir():
+            storage.upload_files(local, storage.join(sweep_uri, local.name))
+    return paths

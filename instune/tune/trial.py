@@ -6,7 +6,9 @@
      reports carry the loss on every eval set and reach Tune through `ReportToTune`;
   4. the trained model exported, scored by exact match on every eval set, and reported once more.
 Outputs live in `<sweep>/trials/<trial id>/`: trial.json (values), train/ (Ray Train run, metrics.jsonl),
-adapter/, and final.json when the trial finished or error.txt when it failed.
+adapter/, and final.json when the trial finished or error.txt when it failed. With a URI output_dir the Train
+run keeps its checkpoints in `<sweep URI>/trials/<trial id>/train/`, and the trial's files are copied beside
+it when the trial ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from instune import storage
 from instune.atomic import write_json, write_text
 from instune.tune.objective import with_objective
 from instune.tune.space import apply_overrides, mix_weights, param_overrides, source_weight_overrides
@@ -28,6 +31,9 @@ ERROR_FILE = "error.txt"
 # Tune's sampled values, written before anything can fail: a restored sweep knows an errored trial's config
 # only from here (Tune keeps it in the trial's last result, which a trial that never reported lacks).
 SAMPLED_FILE = "sampled.json"
+METRICS_FILE = "train/run/metrics.jsonl"
+# What the sweep's results are made of (report.py), relative to a trial's directory.
+RESULT_FILES = (TRIAL_FILE, FINAL_FILE, ERROR_FILE, SAMPLED_FILE, METRICS_FILE)
 
 
 @dataclass
@@ -49,6 +55,7 @@ class TrialPlan:
     report_while_training: bool  # loss objectives: every report goes to Tune (ASHA acts on them)
     eval_sets: list = field(default_factory=list)  # EvalSets for exact match at the end; [] skips it
     eval_settings: object = None  # instune.eval.evaluate.EvalSettings
+    sweep_uri: str | None = None  # a URI output_dir's sweep/: trials' Train runs and files go there too
 
 
 class ReportToTune(TuneReportCallback):
@@ -74,17 +81,26 @@ def run_trial(sampled: dict, plan: TrialPlan) -> None:
     """The Tune function trainable; `sampled` is Tune's config (dotted paths and "mix.<name>" weights)."""
     import ray.tune
 
-    trial_dir = trial_dir_of(plan.sweep_dir, ray.tune.get_context().get_trial_id())
-    # A trial Tune restarts after the driver died starts over: no half-written outputs of the first attempt.
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_dir = trial_dir_of(plan.sweep_dir, trial_id)
+    trial_uri = storage.join(plan.sweep_uri, TRIALS_DIR, trial_id) if plan.sweep_uri else None
+    # A trial Tune restarts after the driver died starts over: no half-written outputs of the first attempt,
+    # and no Train run in the bucket that its new run would resume.
     shutil.rmtree(trial_dir, ignore_errors=True)
+    if trial_uri:
+        storage.delete_dir(trial_uri)
     trial_dir.mkdir(parents=True)
     write_json(trial_dir / SAMPLED_FILE, sampled)
     try:
-        final = train_and_evaluate(sampled, plan, trial_dir)
+        final = train_and_evaluate(sampled, plan, trial_dir, trial_uri)
     except Exception as e:
         write_text(trial_dir / ERROR_FILE, f"{type(e).__name__}: {e}\n")
+        if trial_uri:
+            storage.upload_files(trial_dir, trial_uri)
         raise
     write_json(trial_dir / FINAL_FILE, final)
+    if trial_uri:
+        storage.upload_files(trial_dir, trial_uri)
     ray.tune.report(final)
 
 
@@ -128,8 +144,9 @@ def trial_datasets(config, plan: TrialPlan, weights: dict[str, float]) -> dict:
     return datasets
 
 
-def train_and_evaluate(sampled: dict, plan: TrialPlan, trial_dir: Path) -> dict:
-    """Steps 1-4 of the module docstring; returns the final metrics."""
+def train_and_evaluate(sampled: dict, plan: TrialPlan, trial_dir: Path, trial_uri: str | None = None) -> dict:
+    """Steps 1-4 of the module docstring; returns the final metrics. `trial_uri`: where the Train run keeps its
+    checkpoints instead of `trial_dir/train` (a URI output_dir)."""
     from instune.train.trainer import export_model, loop_settings, run_ray_training, steps_for
 
     config, weights, overrides = trial_config(sampled, plan)
@@ -146,7 +163,8 @@ def train_and_evaluate(sampled: dict, plan: TrialPlan, trial_dir: Path) -> dict:
     result, _ = run_ray_training(
         settings, datasets, num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
         gpus_per_worker=s.gpus_per_worker, placement_strategy=s.placement_strategy,
-        storage_dir=trial_dir / "train", run_name="run", callbacks=callbacks)
+        storage_dir=trial_dir / "train", run_name="run", callbacks=callbacks,
+        storage_uri=storage.join(trial_uri, "train") if trial_uri else None)
     assert result.checkpoint is not None, f"trial {trial_dir.name}: training ended without a checkpoint"
 
     final = dict(result.metrics or {}, finished=True, total_steps=total_steps)
