@@ -229,23 +229,28 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     staging = out_dir / ".staging"
     read_all(sources, data_config.max_record_bytes).write_parquet(str(staging))
     annotated = read_parquet(str(staging))
-    rejects = [annotated.filter(expr=col("kind") == "rejected").select_columns(list(REJECT_COLUMNS))]
+    # Each stage's rejects are written as soon as the stage has run (Ray's write_parquet adds files to the
+    # directory): a lazy reject branch kept for one write at the end would hold every stage's materialized
+    # data in the object store until then, so memory would grow with the corpus.
+    quarantine = str(out_dir / "quarantine")
+    annotated.filter(expr=col("kind") == "rejected").select_columns(list(REJECT_COLUMNS)).write_parquet(quarantine)
     kept = (annotated.filter(expr=col("kind") == "kept")
             .select_columns(["id", "source", "domain", "messages", "metadata"])
             .map_batches(parse_messages, batch_format="pyarrow"))
+    rejected = None
     if checks:
         print("[prepare] filtering", flush=True)
         kept, rejected = filter_dataset(kept, checks)
-        rejects.append(rejected)
+        rejected.write_parquet(quarantine)
     if data_config.dedup.exact:
         print("[prepare] exact deduplication", flush=True)
         kept, rejected = exact_dedup(kept)
-        rejects.append(rejected)
+        rejected.write_parquet(quarantine)
     near = data_config.dedup.near
     if near is not None:
         print("[prepare] near-duplicate deduplication (MinHash LSH)", flush=True)
         kept, rejected = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed)
-        rejects.append(rejected)
+        rejected.write_parquet(quarantine)
     if scoring is not None:
         from instune.data.score import score_dataset
 
@@ -254,10 +259,9 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
         print(f"[prepare] scoring with the reference model ({scoring['metric']}, "
               f"{'GPU' if num_gpus else 'CPU'})", flush=True)
         kept, rejected = score_dataset(kept, num_gpus=num_gpus, **scoring)
-        rejects.append(rejected)
+        rejected.write_parquet(quarantine)
     kept.write_parquet(str(out_dir / "filtered"))
-    rejects[0].union(*rejects[1:]).write_parquet(str(out_dir / "quarantine")) if len(rejects) > 1 \
-        else rejects[0].write_parquet(str(out_dir / "quarantine"))
+    del kept, rejected  # their blocks are on disk now; let the object store have the memory back
 
     names = [s.name for s in sources]
     read_counts = {n: 0 for n in names}
