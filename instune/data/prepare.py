@@ -371,6 +371,9 @@ class TokenizeAndPack:
 
         from instune.data.tokenize import ChatRenderer, _backend
 
+        # Ray Data already runs one of these per CPU it gives the pool; the Rust tokenizer's own thread pool on
+        # top of that oversubscribes the cores, and its idle threads spin (about 15% more CPU per batch).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.render, self.backend = ChatRenderer(self.tokenizer), _backend(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
@@ -505,8 +508,8 @@ def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, 
     """
     import ray
 
-    # Tokenizing is the costly step here: let the actor pool grow to half the cluster's CPUs.
-    actors = (1, max(1, int(ray.cluster_resources().get("CPU", 1)) // 2))
+    # Tokenizing is nearly all of the work once the shuffle (a barrier) is done: one actor per CPU.
+    actors = (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
     train, validation, copies = mix_tokenize_pack(out_dir / "filtered", kept, drops_dir=out_dir / "dropped",
                                                   concurrency=actors, **mix)
     train.write_parquet(str(out_dir / "train"))
