@@ -1,6 +1,6 @@
 """Training benchmark: Ray Train against a plain PyTorch loop, and packed rows against padded rows.
 
-    python bench/train_throughput.py [--steps 40] [--seq-len 256] [--micro-batch 8] [--threads 2]
+    python bench/train_throughput.py [--steps 40] [--seq-len 256] [--micro-batch 8] [--threads CPUS-1]
                                      [--repeats 2] [--workdir /tmp/instune-train-bench]
 
 Both comparisons use the embedded model (Llama, hidden 128, 4 layers) with LoRA r=16 and AdamW, one worker
@@ -159,7 +159,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    # One core left to Ray's own processes (raylet, GCS, the Train controller, the data split coordinator):
+    # a worker whose OpenMP threads take every core waits at each parallel region's barrier whenever one of
+    # its threads is descheduled, which on 2 cores makes the Ray run's 2 threads no faster than 1.
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/instune-train-bench")
     args = parser.parse_args()
