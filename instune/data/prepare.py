@@ -369,13 +369,13 @@ class TokenizeAndPack:
                  outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None):
         from transformers import AutoTokenizer
 
-        from instune.data.tokenize import ChatRenderer, _backend
+        from instune.data.tokenize import ChatRenderer, rust_tokenizer
 
         # Ray Data already runs one of these per CPU it gives the pool; the Rust tokenizer's own thread pool on
         # top of that oversubscribes the cores, and its idle threads spin (about 15% more CPU per batch).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.render, self.backend = ChatRenderer(self.tokenizer), _backend(self.tokenizer)
+        self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
         self.outcome_markers, self.drops_dir = outcome_markers, drops_dir
 

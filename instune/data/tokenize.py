@@ -155,7 +155,7 @@ def span_labels(encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.n
     return labels
 
 
-def _backend(tokenizer):
+def rust_tokenizer(tokenizer):
     """The Rust tokenizer behind a fast tokenizer, with truncation and padding off as transformers sets them
     for an un-truncated call; None for a slow tokenizer."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -179,7 +179,7 @@ def encode_conversations(conversations: list[list[dict]], tokenizer, max_length:
     """(input_ids, labels) int64 arrays per conversation, tokenized in one batch call; a record that fails
     yields its TokenizeError in place. `render` and `backend` may be built once by the caller and reused."""
     render = render or ChatRenderer(tokenizer)
-    backend = backend if backend is not None else _backend(tokenizer)
+    backend = backend if backend is not None else rust_tokenizer(tokenizer)
     texts, spans = [], []
     for messages in conversations:
         try:

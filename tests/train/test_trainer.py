@@ -4,6 +4,7 @@ TensorBoard; a run the cluster cannot place is refused before any worker starts.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -14,7 +15,8 @@ from train_helpers import write_packed_rows
 from instune.errors import UserError
 from instune.train.loop import CRASH_MARKER_ENV, LoopSettings
 from instune.train.methods import MethodSettings
-from instune.train.trainer import TENSORBOARD_DIR, export_model, run_ray_training
+from instune.train.trainer import (DEFAULT_POLL_INTERVAL_S, POLL_INTERVAL_ENV, TENSORBOARD_DIR, export_model,
+                                   run_ray_training)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,9 @@ def test_a_killed_deepspeed_worker_resumes_from_the_latest_checkpoint_and_a_reru
 
     result, metrics_file = train(settings_for(tiny_model, 8, **ZERO_2), rows, storage, max_failures=1)
     assert not crash_marker.exists()  # the crash happened
+    # The controller polls (and so takes reports) ten times a second, not every 2 s: a loop that reports every
+    # step is not held to one step per poll.
+    assert os.environ[POLL_INTERVAL_ENV] == DEFAULT_POLL_INTERVAL_S
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran again after the restart
     assert result.metrics["step"] == 8
