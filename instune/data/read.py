@@ -28,6 +28,9 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 CHUNK_BYTES = 1 << 16
 PARQUET_BATCH_ROWS = 1024
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# The options pyarrow reads from a URI's query ("?endpoint_override=host:port&scheme=http", "?region=..."): a
+# trailing "?" followed by key=value pairs only, which no glob of a file name looks like.
+_URI_OPTIONS = re.compile(r"\?[A-Za-z_]+=[^&?/]*(?:&[A-Za-z_]+=[^&?/]*)*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +127,20 @@ def _walk_local(source_name: str, directory: str) -> list[str]:
 
 
 def _expand_uri(source_name: str, uri: str) -> list[str]:
-    """The same rules as local paths, through pyarrow's filesystems (s3://, gs://, file://, ...)."""
+    """The same rules as local paths, through pyarrow's filesystems (s3://, gs://, file://, ...).
+
+    The URI's options, if any, are taken off for globbing and put back on every file found, so each file is
+    opened with them (an S3-compatible endpoint, a region).
+    """
+    found_options = _URI_OPTIONS.search(uri)
+    options = found_options.group() if found_options else ""
+    uri = uri[: len(uri) - len(options)]
     scheme = uri.split("://", 1)[0]
     glob_at = _GLOB_CHARS.search(uri)
     # The filesystem is opened on the part before the first glob, so '?' is never read as a URL query.
     base_uri = uri[: uri.rfind("/", 0, glob_at.start())] if glob_at else uri
     try:
-        fs, base = pafs.FileSystem.from_uri(base_uri)
+        fs, base = pafs.FileSystem.from_uri(base_uri + options)
         if glob_at:
             pattern = base.rstrip("/") + uri[len(base_uri) :]
             selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
@@ -141,13 +151,13 @@ def _expand_uri(source_name: str, uri: str) -> list[str]:
             matches = [fs.get_file_info(base)]
         files = []
         for info in sorted(matches, key=lambda i: i.path):
-            as_uri = f"{scheme}://{info.path}"
+            as_uri = f"{scheme}://{info.path}{options}"
             if info.type == pafs.FileType.NotFound:
                 raise UserError(f"source '{source_name}': path {uri} does not exist")
             if info.type == pafs.FileType.Directory:
                 listed = fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
                 found = [
-                    f"{scheme}://{i.path}"
+                    f"{scheme}://{i.path}{options}"
                     for i in listed
                     if i.type == pafs.FileType.File and _listable(i.path[len(info.path) :])
                 ]
@@ -196,9 +206,9 @@ def iter_raw_records(
     file: str, max_record_bytes: int, chunk_bytes: int = CHUNK_BYTES, stats: ReadStats | None = None
 ) -> Iterator[RawItem]:
     """Stream one file's records as RawItems; the format comes from the extension (UserError if unknown)."""
-    name = file.lower().removesuffix(".gz")
+    name = _URI_OPTIONS.sub("", file).lower().removesuffix(".gz") if "://" in file else file.lower().removesuffix(".gz")
     stats = stats or ReadStats()
-    if file.lower().endswith(".parquet"):
+    if name.endswith(".parquet"):
         yield from _iter_parquet(file, max_record_bytes, stats)
         return
     if not name.endswith((".jsonl", ".json")):

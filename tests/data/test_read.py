@@ -266,3 +266,23 @@ def test_parquet_oversize_row(tmp_path):
     items = read_all(str(file), max_record_bytes=1000)
     assert values(items) == [rows[0], rows[2]]
     assert errors(items) == [("row 1", "record is 3012 bytes, over max_record_bytes (1000)")]
+
+
+def test_sources_behind_an_s3_compatible_endpoint_keep_its_options(s3_uri):
+    """A glob or directory on a bucket of a non-AWS endpoint (MinIO, a test server) expands to files that carry
+    the URI's options, so each one opens on that endpoint; records come back whole."""
+    import pyarrow.fs as pafs
+
+    base = s3_uri("corpus")
+    fs, root = pafs.FileSystem.from_uri(base)
+    for name, lines in (("a.jsonl", ['{"instruction": "x", "output": "y"}']), ("sub/b.jsonl", ['{"n": 1}', '{"n": 2}'])):
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            f.write(("\n".join(lines) + "\n").encode())
+    path, _, options = base.partition("?")
+    files = expand_paths("src", f"{path}/*.jsonl?{options}")
+    assert files == [f"{path}/a.jsonl?{options}"]
+    everything = expand_paths("src", base)
+    assert everything == [f"{path}/a.jsonl?{options}", f"{path}/sub/b.jsonl?{options}"]
+    assert [item.value for item in iter_raw_records(everything[1], 1000)] == [{"n": 1}, {"n": 2}]
+    # A glob's own "?" (one character) is still a glob, not options.
+    assert expand_paths("src", f"{path}/?.jsonl?{options}") == files
