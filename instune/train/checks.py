@@ -9,6 +9,10 @@ What cannot work, and why:
   attend to each other. Padded rows (`data.pack: false`) are exact.
 - BitFit on a model with no bias terms (Llama-style models have none): nothing would train.
 - float16 under DDP: it needs loss scaling, which only the DeepSpeed strategy does here; bfloat16 does not.
+- Raw `strategy.deepspeed` keys that pick another DeepSpeed checkpoint engine (the fast or decoupled writers,
+  DataStates) or universal checkpoints: resuming reads DeepSpeed's files through its torch engine with the
+  weights-only unpickler (strategies/deepspeed_load.py); universal checkpoints load with full pickle, and the
+  other engines fail on ZeRO's own classes.
 Prefix and prompt tuning do run under ZeRO-3 (their tables are gathered like any parameter), so ZeRO-3
 refuses no method; it is pointless for them (a few thousand parameters) but not wrong.
 """
@@ -58,6 +62,24 @@ def check_training_plan(settings, packed: bool | None) -> None:
     if settings.dtype == "float16" and settings.strategy == "ddp":
         raise UserError("model.dtype: float16 needs loss scaling, which the ddp strategy does not do; "
                         "use bfloat16 or strategy.name: deepspeed")
+    if settings.strategy == "deepspeed":
+        check_deepspeed_checkpointing(settings.deepspeed)
+
+
+def check_deepspeed_checkpointing(raw: dict) -> None:
+    """Raise UserError for raw DeepSpeed keys that choose a checkpoint engine other than the torch one."""
+    checkpoint = raw.get("checkpoint") or {}
+    chosen = []
+    if checkpoint.get("writer") is not None:
+        chosen.append("strategy.deepspeed.checkpoint.writer")
+    if checkpoint.get("load_universal"):
+        chosen.append("strategy.deepspeed.checkpoint.load_universal")
+    # DeepSpeed turns DataStates on for any value but False.
+    if raw.get("datastates_ckpt", False) is not False:
+        chosen.append("strategy.deepspeed.datastates_ckpt")
+    if chosen:
+        raise UserError(f"{', '.join(chosen)}: instune resumes only through DeepSpeed's torch checkpoint engine, "
+                        "whose files it reads without unpickling code; remove these keys")
 
 
 def check_cluster_fits(num_workers: int, cpus_per_worker: float, gpus_per_worker: float, use_gpu: bool) -> None:

@@ -57,6 +57,16 @@ def test_float16_needs_deepspeed(tiny_model):
     check_training_plan(settings_for(tiny_model, dtype="float16", strategy="deepspeed"), packed=True)
 
 
+def test_deepspeed_checkpoint_engines_that_load_outside_the_weights_only_reader_are_refused(tiny_model):
+    writer = refused(settings_for(tiny_model, strategy="deepspeed",
+                                  deepspeed={"checkpoint": {"writer": {"type": "fast"}, "load_universal": True}}))
+    assert writer.startswith("strategy.deepspeed.checkpoint.writer, strategy.deepspeed.checkpoint.load_universal:")
+    assert "strategy.deepspeed.datastates_ckpt" in refused(settings_for(tiny_model, strategy="deepspeed",
+                                                                        deepspeed={"datastates_ckpt": {}}))
+    check_training_plan(settings_for(tiny_model, strategy="deepspeed",
+                                     deepspeed={"checkpoint": {"tag_validation": "Warn"}}), packed=True)
+
+
 def test_offloading_parameters_needs_zero_3():
     with pytest.raises(ValueError, match="zero_stage 3"):
         StrategyConfig(name="deepspeed", zero_stage=2, offload_params=True)

@@ -10,6 +10,8 @@ Same interface as DDPEngine. Two things differ underneath and are handled here:
   last one, where the update happens.
 Under ZeRO-3 each rank holds a shard of every parameter; `gathered_state` gathers one parameter at a time
 to rank 0, so saving never needs the whole model in one process's accelerator memory.
+Resuming reads DeepSpeed's checkpoint files with torch's weights-only unpickler (deepspeed_load.py), not
+with the full pickle DeepSpeed itself uses.
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, config: dict):
         import deepspeed
 
+        from instune.train.strategies.deepspeed_load import use_weights_only_loading
+
         assert dist.is_initialized(), "DeepSpeed needs torch.distributed initialised (Ray Train or torchrun)"
         self.module = model
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+        use_weights_only_loading(self.model)
         self.zero_stage = config["zero_optimization"]["stage"]
 
     def trainable_changed(self) -> None:
