@@ -296,7 +296,7 @@ def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, dat
                             after_label=after_label)
     report = write_report(out_dir, title, sections)
     images = out_dir / f"{report.html.stem}_images"
-    for local in ([images] if images.is_dir() else []) + [report.md, report.html]:
+    for local in ([images] if images.is_dir() else []) + [report.markdown, report.html]:
         publish(config, local)
     return report.html
 
