@@ -366,14 +366,16 @@ class TokenizeAndPack:
     """
 
     def __init__(self, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
-                 outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None):
+                 outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None,
+                 serial_tokenizer: bool = False):
         from transformers import AutoTokenizer
 
         from instune.data.tokenize import ChatRenderer, rust_tokenizer
 
-        # Ray Data already runs one of these per CPU it gives the pool; the Rust tokenizer's own thread pool on
-        # top of that oversubscribes the cores, and its idle threads spin (about 15% more CPU per batch).
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if serial_tokenizer:
+            # In a pool of one actor per CPU, the Rust tokenizer's own thread pool on top oversubscribes the
+            # cores (about 15% more CPU per batch). A lone actor (streaming into training) keeps its threads.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
@@ -431,6 +433,7 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
         kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
     records = task_shuffle(read_parquet(str(filtered_dir)))
+    max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
 
     def split(name: str):
         drawn = records.map_batches(draw_batch, batch_format="pyarrow", fn_kwargs={
@@ -443,7 +446,8 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
             TokenizeAndPack, batch_size=batch_size, concurrency=concurrency, batch_format="pyarrow",
             fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
                                    "pack": pack, "outcome_markers": outcome_markers,
-                                   "drops_dir": str(drops_dir / name) if drops_dir else None})
+                                   "drops_dir": str(drops_dir / name) if drops_dir else None,
+                                   "serial_tokenizer": max_actors > 1})
 
     return split("train"), split("validation") if validation_fraction else None, copies
 
