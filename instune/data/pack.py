@@ -70,17 +70,17 @@ def rows_table(bins: list[Bin], seq_len: int, pad_id: int) -> pa.Table:
         pad = seq_len - b.length
         assert pad >= 0, "a bin overflowed its sequence length"
         for example_ids, example_labels in b.examples:
-            ids.append(np.asarray(example_ids, dtype=np.int64))
-            labels.append(np.asarray(example_labels, dtype=np.int64))
-            positions.append(np.arange(len(example_ids), dtype=np.int64))
+            ids.append(np.asarray(example_ids, dtype=np.int32))
+            labels.append(np.asarray(example_labels, dtype=np.int32))
+            positions.append(np.arange(len(example_ids), dtype=np.int32))
         if pad:
-            ids.append(np.full(pad, pad_id, dtype=np.int64))
-            labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
-            positions.append(np.arange(pad, dtype=np.int64))
+            ids.append(np.full(pad, pad_id, dtype=np.int32))
+            labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int32))
+            positions.append(np.arange(pad, dtype=np.int32))
     offsets = pa.array(np.arange(len(bins) + 1, dtype=np.int32) * seq_len)
 
     def column(parts: list[np.ndarray]) -> pa.Array:
-        values = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
         return pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32()))
 
     return pa.Table.from_arrays([

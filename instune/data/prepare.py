@@ -471,13 +471,11 @@ def packed_stats(split_dir: Path, seq_len: int) -> dict:
     Read here with pyarrow, and only the small per-row columns: the token columns are most of the bytes.
     """
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     stats = {"rows": 0, "examples": 0, "target_tokens": 0, "tokens": 0}
     by_source = Counter()
-    if split_dir.exists() and any(split_dir.glob("*.parquet")):
-        table = pads.dataset(str(split_dir), format="parquet").to_table(
-            columns=["num_examples", "num_target_tokens", "num_tokens", "sources"])
+    table = read_columns(split_dir, ["num_examples", "num_target_tokens", "num_tokens", "sources"])
+    if table is not None:
         stats["rows"] = table.num_rows
         for key, column in (("examples", "num_examples"), ("target_tokens", "num_target_tokens"),
                             ("tokens", "num_tokens")):
@@ -491,11 +489,9 @@ def packed_stats(split_dir: Path, seq_len: int) -> dict:
 
 def dropped_counts(drops_dir: Path) -> dict[str, list[dict]]:
     """{source: [{reason (a kind), count, example_reason}]} from the drop files of one split."""
-    import pyarrow.dataset as pads
-
     kinds: dict[tuple[str, str], list] = {}
-    if drops_dir.exists() and any(drops_dir.glob("*.parquet")):
-        table = pads.dataset(str(drops_dir), format="parquet").to_table(columns=["source", "reason"])
+    table = read_columns(drops_dir, ["source", "reason"])
+    if table is not None:
         for source, reason in zip(table["source"].to_pylist(), table["reason"].to_pylist()):
             entry = kinds.setdefault((source, reason_kind("tokenize", reason)), [0, reason])
             entry[0] += 1
