@@ -202,7 +202,7 @@ def child(args) -> None:
     config = bench_config(files, workdir, args.pipeline)
     for attempt in range(3):
         try:
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                      log_to_driver=False, object_store_memory=args.object_store_mb * 2**20)
             break
         except Exception as e:  # Ray's startup timeout on a busy machine is a bare Exception; try again

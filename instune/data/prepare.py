@@ -357,7 +357,7 @@ TOKENIZE_BATCH_ROWS = 2048
 
 
 class TokenizeAndPack:
-    """Ray Data actor: holds the tokenizer; turns a batch of records into packed (or padded) rows.
+    """Holds the tokenizer; turns a batch of records into packed (or padded) rows (`tokenize_and_pack`).
 
     Outcome markers are added to the prompts first. Every row lists the source of each example in it.
     Records that cannot be trained on (over max_length with truncation "drop", no assistant token left after
@@ -373,8 +373,8 @@ class TokenizeAndPack:
         from instune.data.tokenize import ChatRenderer, rust_tokenizer
 
         if serial_tokenizer:
-            # In a pool of one actor per CPU, the Rust tokenizer's own thread pool on top oversubscribes the
-            # cores (about 15% more CPU per batch). A lone actor (streaming into training) keeps its threads.
+            # With a task per CPU, the Rust tokenizer's own thread pool on top oversubscribes the cores: its
+            # threads cost half again the CPU of one thread for the same batch. A lone task keeps its threads.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
@@ -417,23 +417,41 @@ class TokenizeAndPack:
         os.replace(partial, os.path.join(self.drops_dir, f"{name}.parquet"))
 
 
+_STEPS: dict[str, TokenizeAndPack] = {}
+
+
+def tokenize_and_pack(batch: pa.Table, **step_arguments) -> pa.Table:
+    """Ray Data task: `TokenizeAndPack(**step_arguments)(batch)`, the step built once per worker process.
+
+    Tasks rather than an actor pool: tasks take every free CPU as soon as the shuffle before them is done,
+    where Ray Data's actor pool grew from one actor only slowly (one actor tokenized the whole corpus on a
+    2-CPU node); and Ray keeps its worker processes, so each loads the tokenizer once.
+    """
+    key = repr(sorted(step_arguments.items()))
+    if key not in _STEPS:
+        _STEPS[key] = TokenizeAndPack(**step_arguments)
+    return _STEPS[key](batch)
+
+
 def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[str, float], *, size: int | None,
                       seed: int, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
-                      validation_fraction: float = 0.0, concurrency: int | tuple[int, int] = 1,
+                      validation_fraction: float = 0.0, concurrency: int | None = 1,
                       outcome_markers: OutcomeMarkers | None = None, drops_dir: Path | None = None,
                       batch_size: int = TOKENIZE_BATCH_ROWS):
     """Phase 2, lazily: (train dataset, validation dataset or None, copies per source).
 
     `size` is the size of the train mixture: with a validation split, copies are worked out over the records
     outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
-    `drops_dir/<split>/`.
+    `drops_dir/<split>/`. `concurrency` caps the tokenize tasks running at once; None runs one per CPU.
     """
+    import ray
+
     if validation_fraction:
         held_in = drawn_counts(filtered_dir, "train", dict.fromkeys(kept, 1.0), seed, validation_fraction)
         kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
     records = task_shuffle(read_parquet(str(filtered_dir)))
-    max_actors = concurrency if isinstance(concurrency, int) else concurrency[1]
+    tasks = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def split(name: str):
         drawn = records.map_batches(draw_batch, batch_format="pyarrow", fn_kwargs={
@@ -443,11 +461,10 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
             # disk when it outgrows the object store.
             drawn = drawn.random_shuffle(seed=seed)
         return drawn.map_batches(
-            TokenizeAndPack, batch_size=batch_size, concurrency=concurrency, batch_format="pyarrow",
-            fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
-                                   "pack": pack, "outcome_markers": outcome_markers,
-                                   "drops_dir": str(drops_dir / name) if drops_dir else None,
-                                   "serial_tokenizer": max_actors > 1})
+            tokenize_and_pack, batch_size=batch_size, concurrency=concurrency, batch_format="pyarrow",
+            fn_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
+                       "pack": pack, "outcome_markers": outcome_markers,
+                       "drops_dir": str(drops_dir / name) if drops_dir else None, "serial_tokenizer": tasks > 1})
 
     return split("train"), split("validation") if validation_fraction else None, copies
 
@@ -506,12 +523,9 @@ def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, 
 
     Checks that every record drawn into a split was packed or dropped at tokenization, per source.
     """
-    import ray
-
-    # Tokenizing is nearly all of the work once the shuffle (a barrier) is done: one actor per CPU.
-    actors = (1, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    # Tokenizing is nearly all of the work once the shuffle (a barrier) is done: a task per CPU.
     train, validation, copies = mix_tokenize_pack(out_dir / "filtered", kept, drops_dir=out_dir / "dropped",
-                                                  concurrency=actors, **mix)
+                                                  concurrency=None, **mix)
     train.write_parquet(str(out_dir / "train"))
     if validation is not None:
         validation.write_parquet(str(out_dir / "validation"))
