@@ -38,6 +38,7 @@ from instune.data.filters import build_checks
 from instune.data.outcome import OutcomeMarkers
 from instune.data.raydata import read_parquet, task_shuffle
 from instune.data.schema import REJECT_COLUMNS
+from instune.data.tokenize import TokenizerParts
 from instune.errors import UserError
 
 ROW_COLUMNS = ("kind", "id", "source", "domain", "messages", "metadata") + tuple(
@@ -159,7 +160,7 @@ def reject_kinds(quarantine) -> list[dict]:
 
     Grouped per block, then merged here: there are few kinds, however many rejects.
     """
-    from instune.data.dedup.exact import collect
+    from instune.data.raydata import collect
 
     per_block = collect(quarantine.map_batches(_reject_kind_counts, batch_format="pyarrow"))
     merged: dict[tuple, dict] = {}
@@ -227,6 +228,9 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     from instune.data.filters import filter_dataset
 
     staging = out_dir / ".staging"
+    # Each stage's output, computed once and read by its kept and rejected views: on disk rather than in the
+    # object store (raydata.persist).
+    work = out_dir / ".work"
     read_all(sources, data_config.max_record_bytes).write_parquet(str(staging))
     annotated = read_parquet(str(staging))
     # Each stage's rejects are written as soon as the stage has run (Ray's write_parquet adds files to the
@@ -240,16 +244,16 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     rejected = None
     if checks:
         print("[prepare] filtering", flush=True)
-        kept, rejected = filter_dataset(kept, checks)
+        kept, rejected = filter_dataset(kept, checks, str(work / "filter"))
         rejected.write_parquet(quarantine)
     if data_config.dedup.exact:
         print("[prepare] exact deduplication", flush=True)
-        kept, rejected = exact_dedup(kept)
+        kept, rejected = exact_dedup(kept, str(work / "exact"))
         rejected.write_parquet(quarantine)
     near = data_config.dedup.near
     if near is not None:
         print("[prepare] near-duplicate deduplication (MinHash LSH)", flush=True)
-        kept, rejected = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed)
+        kept, rejected = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed, str(work / "near"))
         rejected.write_parquet(quarantine)
     if scoring is not None:
         from instune.data.score import score_dataset
@@ -258,7 +262,7 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         print(f"[prepare] scoring with the reference model ({scoring['metric']}, "
               f"{'GPU' if num_gpus else 'CPU'})", flush=True)
-        kept, rejected = score_dataset(kept, num_gpus=num_gpus, **scoring)
+        kept, rejected = score_dataset(kept, num_gpus=num_gpus, work_dir=str(work / "score"), **scoring)
         rejected.write_parquet(quarantine)
     kept.write_parquet(str(out_dir / "filtered"))
     del kept, rejected  # their blocks are on disk now; let the object store have the memory back
@@ -279,6 +283,7 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     rejected_counts = {n: sum(v for (s, _, _), v in reject_counts.items() if s == n) for n in names}
     check_accounting(read_counts, kept_counts, rejected_counts)
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     stages = stage_table(read_counts, reject_counts)
     by_reason: dict = {}
     for k in sorted(kinds, key=lambda k: (STAGES.index(k["stage"]), -k["count"], k["reason"])):
@@ -362,22 +367,28 @@ class TokenizeAndPack:
     Outcome markers are added to the prompts first. Every row lists the source of each example in it.
     Records that cannot be trained on (over max_length with truncation "drop", no assistant token left after
     truncation) are written to `drops_dir` when it is given: one small Parquet file per batch, named by the
-    records in it, so a retried batch rewrites its own file rather than counting twice.
+    records in it, so a retried batch rewrites its own file rather than counting twice. Given the tokenizer's
+    `tokenizer_parts`, it never loads the tokenizer through transformers (see TokenizerParts).
     """
 
     def __init__(self, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
                  outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None,
-                 serial_tokenizer: bool = False):
-        from transformers import AutoTokenizer
-
-        from instune.data.tokenize import ChatRenderer, rust_tokenizer
-
+                 serial_tokenizer: bool = False, tokenizer_parts: TokenizerParts | None = None):
         if serial_tokenizer:
             # With a task per CPU, the Rust tokenizer's own thread pool on top oversubscribes the cores: its
             # threads cost half again the CPU of one thread for the same batch. A lone task keeps its threads.
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
+        if tokenizer_parts is not None:
+            self.tokenizer, self.pad_token_id = None, tokenizer_parts.pad_token_id
+            self.render, self.backend = tokenizer_parts.build()
+        else:
+            from transformers import AutoTokenizer
+
+            from instune.data.tokenize import ChatRenderer, rust_tokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            self.pad_token_id = self.tokenizer.pad_token_id
+            self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
         self.outcome_markers, self.drops_dir = outcome_markers, drops_dir
 
@@ -396,8 +407,8 @@ class TokenizeAndPack:
         examples = [(*r, source) for r, source in zip(results, sources) if not isinstance(r, TokenizeError)]
         if len(examples) < len(results) and self.drops_dir:
             self.write_drops(batch, results)
-        bins = pack_bins(examples, self.seq_len, self.tokenizer.pad_token_id) if self.pack else single_bins(examples)
-        return rows_table(bins, self.seq_len, self.tokenizer.pad_token_id)
+        bins = pack_bins(examples, self.seq_len, self.pad_token_id) if self.pack else single_bins(examples)
+        return rows_table(bins, self.seq_len, self.pad_token_id)
 
     def write_drops(self, batch: pa.Table, results: list) -> None:
         import pyarrow.parquet as pq
@@ -415,6 +426,19 @@ class TokenizeAndPack:
         pq.write_table(pa.Table.from_pylist([dict(zip(DROP_SCHEMA.names, d)) for d in dropped], schema=DROP_SCHEMA),
                        partial)
         os.replace(partial, os.path.join(self.drops_dir, f"{name}.parquet"))
+
+
+def start_loading_tokenizer_parts(tokenizer_path: str):
+    """A Ray object ref to the TokenizerParts of the tokenizer at `tokenizer_path` (None for one without).
+
+    Loaded by a task whose worker exits after it: loading imports torch and transformers (some 270 MB), which
+    no process should keep for the rest of the run. It takes no CPU slot, so it runs beside the work in hand.
+    """
+    import ray
+
+    from instune.data.tokenize import load_tokenizer_parts
+
+    return ray.remote(num_cpus=0, max_calls=1)(load_tokenizer_parts).remote(tokenizer_path)
 
 
 _STEPS: dict[str, TokenizeAndPack] = {}
@@ -437,12 +461,13 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
                       seed: int, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
                       validation_fraction: float = 0.0, concurrency: int | None = 1,
                       outcome_markers: OutcomeMarkers | None = None, drops_dir: Path | None = None,
-                      batch_size: int = TOKENIZE_BATCH_ROWS):
+                      batch_size: int = TOKENIZE_BATCH_ROWS, tokenizer_parts: TokenizerParts | None = None):
     """Phase 2, lazily: (train dataset, validation dataset or None, copies per source).
 
     `size` is the size of the train mixture: with a validation split, copies are worked out over the records
     outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
     `drops_dir/<split>/`. `concurrency` caps the tokenize tasks running at once; None runs one per CPU.
+    `tokenizer_parts` (of the tokenizer at `tokenizer_path`) is loaded here when not given.
     """
     import ray
 
@@ -452,6 +477,8 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
     copies = mixture_copies(kept, weights, size)
     records = task_shuffle(read_parquet(str(filtered_dir)))
     tasks = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if tokenizer_parts is None:
+        tokenizer_parts = ray.get(start_loading_tokenizer_parts(tokenizer_path))
 
     def split(name: str):
         drawn = records.map_batches(draw_batch, batch_format="pyarrow", fn_kwargs={
@@ -464,7 +491,8 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
             tokenize_and_pack, batch_size=batch_size, concurrency=concurrency, batch_format="pyarrow",
             fn_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
                        "pack": pack, "outcome_markers": outcome_markers,
-                       "drops_dir": str(drops_dir / name) if drops_dir else None, "serial_tokenizer": tasks > 1})
+                       "drops_dir": str(drops_dir / name) if drops_dir else None, "serial_tokenizer": tasks > 1,
+                       "tokenizer_parts": tokenizer_parts})
 
     return split("train"), split("validation") if validation_fraction else None, copies
 
@@ -564,7 +592,7 @@ def _outcome_counts(batch: pa.Table, field: str) -> pa.Table:
 
 def outcome_counts(filtered_dir: Path, field: str) -> dict[str, dict[str, int]]:
     """{source: {success, failure, unlabelled}} over the kept records, as the outcome markers will read them."""
-    from instune.data.dedup.exact import collect
+    from instune.data.raydata import collect
 
     counted = collect(read_parquet(str(filtered_dir)).select_columns(["source", "metadata"])
                       .map_batches(_outcome_counts, fn_kwargs={"field": field}, batch_format="pyarrow"))
@@ -643,6 +671,8 @@ def prepare(config, tokenizer_path: str, data_dir: Path, eval_texts: list[str] =
     phase 2 is left to training (`stream_train_data`), and only `filtered/`, `quarantine/` and the manifest
     are written.
     """
+    import ray
+
     from instune.data.report import write_data_report
 
     d = config.data
@@ -651,6 +681,7 @@ def prepare(config, tokenizer_path: str, data_dir: Path, eval_texts: list[str] =
     mix = phase2_arguments(config, tokenizer_path)
     files = sum(len(s.files) for s in sources)
     started = time.time()
+    tokenizer_parts = start_loading_tokenizer_parts(tokenizer_path)  # for phase 2, loaded while phase 1 runs
     with atomic_dir(data_dir) as tmp:
         print(f"[prepare] phase 1: reading {files} files from {len(sources)} sources", flush=True)
         checks = build_checks(d.filters, token_counter(tokenizer_path, d.filters), eval_texts)
@@ -665,7 +696,7 @@ def prepare(config, tokenizer_path: str, data_dir: Path, eval_texts: list[str] =
             print("[prepare] phase 2 left to training (data.stream: true)", flush=True)
         else:
             phase2_started = time.time()
-            splits, copies = write_splits(tmp, kept, mix)
+            splits, copies = write_splits(tmp, kept, {**mix, "tokenizer_parts": ray.get(tokenizer_parts)})
             print(phase2_line(splits, mix["seq_len"], time.time() - phase2_started), flush=True)
             if not splits["train"]["rows"]:
                 reasons = {k["reason"] for kinds in splits["train"]["dropped"].values() for k in kinds}

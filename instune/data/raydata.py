@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def read_parquet(path: str | Path, filesystem=None):
+def read_parquet(path: str | Path, filesystem=None, **options):
     """`ray.data.read_parquet` through Ray's V1 Parquet reader.
 
     Ray 2.60's default (V2) reader lists files through a pool of freshly started footer-reader actors on
@@ -25,7 +25,7 @@ def read_parquet(path: str | Path, filesystem=None):
     previous = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(str(path), filesystem=filesystem)
+        return ray.data.read_parquet(str(path), filesystem=filesystem, **options)
     finally:
         context.use_datasource_v2 = previous
 
@@ -41,3 +41,83 @@ def task_shuffle(ds):
 
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return ds
+
+
+def shuffle_partitions() -> int:
+    """Partitions for a groupby over small key columns: one per CPU of the cluster.
+
+    Not one per input block: a sort shuffle makes (map tasks x partitions) pieces, so on a corpus read into
+    hundreds of blocks, partitions by block count made a groupby of a few MB of keys take 100 s on 2 CPUs.
+    """
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def persist(ds, directory: str | Path | None):
+    """`ds`, computed once for several readers.
+
+    With a `directory`, the rows are written there as Parquet and read back lazily: a corpus larger than the
+    object store then streams through it, where `materialize` would hold (or spill) every block at once, so
+    memory grew with the corpus. Without one, the dataset is materialized (small data, tests).
+    """
+    import ray.data
+
+    if directory is None:
+        return ds.materialize()
+    ds.write_parquet(str(directory))
+    if not (Path(directory).is_dir() and any(Path(directory).glob("*.parquet"))):
+        return ray.data.from_items([])  # Ray writes no file for a dataset without rows
+    return read_parquet(directory)
+
+
+# Up to this many rows of keys (tens of bytes each) are grouped in the driver with pyarrow; more go through a
+# Ray shuffle. On 2 CPUs Ray grouped 150k keys in 14 s (90 s over the few hundred blocks a corpus is read
+# into); pyarrow in 0.3 s.
+DRIVER_GROUP_MAX_ROWS = 20_000_000
+
+
+def repeated_keys(ds, directory: str | Path | None, key: str, order: str,
+                  max_driver_rows: int = DRIVER_GROUP_MAX_ROWS):
+    """Every value of `key` that two rows or more of `ds` hold, with the rows' count ("count") and smallest
+    `order` ("first"), as one Arrow table (None when no value repeats). Global over all blocks and nodes.
+
+    `ds` is what `persist(..., directory)` returned: with a directory the two columns are read from its files
+    alone, and grouped here when there are at most `max_driver_rows`.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ray.data.aggregate import Count, Min
+
+    if directory is not None:
+        import pyarrow.dataset as pads
+
+        if not (Path(directory).is_dir() and any(Path(directory).glob("*.parquet"))):
+            return None
+        files = pads.dataset(str(directory), format="parquet")
+        if files.count_rows() <= max_driver_rows:
+            table = files.to_table(columns=[key, order])
+            grouped = table.group_by(key).aggregate([([], "count_all"), (order, "min")])
+            groups = pa.table({key: grouped[key], "count": grouped["count_all"], "first": grouped[f"{order}_min"]})
+            repeated = groups.filter(pc.greater(groups["count"], 1))
+            return repeated if repeated.num_rows else None
+        ds = read_parquet(directory, columns=[key, order], override_num_blocks=shuffle_partitions())
+    groups = (task_shuffle(ds.select_columns([key, order]))
+              .groupby(key, num_partitions=shuffle_partitions())
+              .aggregate(Count(alias_name="count"), Min(order, alias_name="first"))
+              .map_batches(_repeated, batch_format="pyarrow"))
+    return collect(groups)
+
+
+def _repeated(groups):
+    import pyarrow.compute as pc
+
+    return groups.filter(pc.greater(groups["count"], 1))
+
+
+def collect(ds):
+    """The whole (small) dataset as one Arrow table in the driver, or None when it has no rows."""
+    import pyarrow as pa
+
+    tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    return pa.concat_tables(tables) if tables else None

@@ -173,7 +173,7 @@ def _mark_scores(batch: pa.Table, metric: str, cutoffs: dict, thresholds: dict, 
 
 def scores_by_source(scored) -> dict[str, np.ndarray]:
     """{source: every score of that source} from a scored dataset (two small columns come to the driver)."""
-    from instune.data.dedup.exact import collect
+    from instune.data.raydata import collect
 
     table = collect(scored.select_columns(["source", SCORE_COLUMN]))
     if table is None:
@@ -187,14 +187,17 @@ def scores_by_source(scored) -> dict[str, np.ndarray]:
 
 def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
                   num_actors: int, num_gpus: float, min_score: float | None, max_score: float | None,
-                  top_fraction: float | None, keep: str | None):
-    """(kept records with scores in their metadata, reject rows); the scored records are materialized once."""
-    scored = ds.map_batches(
+                  top_fraction: float | None, keep: str | None, work_dir: str | None = None):
+    """(kept records with scores in their metadata, reject rows); the scored records are computed once
+    (written to `work_dir`, see raydata.persist)."""
+    from instune.data.raydata import persist
+
+    scored = persist(ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"model_path": model_path, "tokenizer_path": tokenizer_path, "metric": metric,
                                "max_length": max_length, "batch_size": batch_size},
         batch_size=max(batch_size * 8, 64), batch_format="pyarrow", concurrency=num_actors, num_gpus=num_gpus,
-    ).materialize()
+    ), work_dir)
     highest = best_is_highest(metric, keep)
     cutoffs = top_cutoffs(scores_by_source(scored), top_fraction, highest, min_score, max_score) \
         if top_fraction is not None else {}

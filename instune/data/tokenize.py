@@ -14,7 +14,7 @@ the fast path is tested against.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,15 @@ def _compiled_template(template: str):
     return _compile_jinja_template(template)
 
 
+def template_variables(tokenizer) -> dict:
+    """The special tokens `apply_chat_template` passes to the template (bos_token, eos_token, ...)."""
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
+
+
+def _direct_render(template: str, variables: dict):
+    return functools.partial(_compiled_template(template).render, tools=None, documents=None, **variables)
+
+
 _PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
           {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
           {"role": "assistant", "content": "Bye."}]
@@ -59,15 +68,25 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self._direct = None
         try:
-            compiled = _compiled_template(tokenizer.get_chat_template())
-            variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
-            self._direct = functools.partial(compiled.render, tools=None, documents=None, **variables)
+            self.template = tokenizer.get_chat_template()
+            self.variables = template_variables(tokenizer)
+            self._direct = _direct_render(self.template, self.variables)
             if not all(self._direct(messages=_PROBE[:k], add_generation_prompt=g) == self._slow(_PROBE[:k], g)
                        for k in (2, 3, 5) for g in (False, True)):
                 self._direct = None
         except Exception:  # any template or version quirk: the slow path is always right
             self._direct = None
         self.lone_prompt = self._lone_prompt()
+
+    @classmethod
+    def direct(cls, template: str, variables: dict) -> "ChatRenderer":
+        """A renderer that only calls the compiled template, for a template a `ChatRenderer(tokenizer)` has
+        checked (see TokenizerParts): no tokenizer object, so no transformers import beyond the compiler."""
+        render = cls.__new__(cls)
+        render.tokenizer, render.template, render.variables = None, template, variables
+        render._direct = _direct_render(template, variables)
+        render.lone_prompt = render._lone_prompt()
+        return render
 
     def _slow(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -153,6 +172,48 @@ def span_labels(encoding, ids: np.ndarray, spans: list[tuple[int, int]]) -> np.n
     if len(labels):
         labels[0] = IGNORE_INDEX
     return labels
+
+
+@dataclass(frozen=True)
+class TokenizerParts:
+    """What rendering and tokenizing need from a fast tokenizer whose template renders directly.
+
+    A Ray worker builds its tokenizer from these (`Tokenizer.from_str`, the compiled template) instead of
+    `AutoTokenizer.from_pretrained`, which imports torch and most of transformers: 3-4 s of CPU and a few
+    hundred MB in every worker. The backend is serialised as transformers configured it, so the ids are the
+    same as the full tokenizer's.
+    """
+
+    backend: str = field(repr=False)  # the Rust tokenizer as JSON (megabytes for large vocabularies)
+    backend_digest: str  # stands for the backend in repr, which keys each worker's cache of built steps
+    template: str
+    variables: dict
+    pad_token_id: int
+
+    def build(self) -> tuple[ChatRenderer, object]:
+        """(renderer, Rust tokenizer)."""
+        from tokenizers import Tokenizer
+
+        return ChatRenderer.direct(self.template, self.variables), Tokenizer.from_str(self.backend)
+
+
+def tokenizer_parts(tokenizer) -> TokenizerParts | None:
+    """The parts of `tokenizer`, or None where workers need the whole tokenizer (a slow tokenizer, or a
+    template the direct render does not reproduce)."""
+    render, backend = ChatRenderer(tokenizer), rust_tokenizer(tokenizer)
+    if backend is None or render._direct is None:
+        return None
+    import hashlib
+
+    serialised = backend.to_str()
+    digest = hashlib.blake2b(serialised.encode(), digest_size=16).hexdigest()
+    return TokenizerParts(serialised, digest, render.template, render.variables, tokenizer.pad_token_id)
+
+
+def load_tokenizer_parts(tokenizer_path: str) -> TokenizerParts | None:
+    from transformers import AutoTokenizer
+
+    return tokenizer_parts(AutoTokenizer.from_pretrained(tokenizer_path))
 
 
 def rust_tokenizer(tokenizer):

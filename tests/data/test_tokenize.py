@@ -9,7 +9,7 @@ import pytest
 
 from instune.base_model import tokenizer_training_texts
 from instune.data.tokenize import (IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeError, assistant_spans,
-                                   encode_conversations, labels_from_spans, tokenize_batch)
+                                   encode_conversations, labels_from_spans, tokenize_batch, tokenizer_parts)
 from instune.default.tokenizer import IM_END, IM_START, train_tokenizer
 
 MULTI_TURN = [
@@ -137,6 +137,40 @@ def test_a_slow_path_renderer_gives_the_same_tokens(tokenizer):
     [slow] = encode_conversations([MULTI_TURN], tokenizer, 512, "drop", render=render)
     [fast] = encode_conversations([MULTI_TURN], tokenizer, 512, "drop")
     assert slow[0].tolist() == fast[0].tolist() and slow[1].tolist() == fast[1].tolist()
+
+
+def test_tokenizer_parts_tokenize_like_the_whole_tokenizer_without_importing_torch(tokenizer, tmp_path):
+    """A worker builds its renderer and Rust tokenizer from the parts: same ids and labels, in a process
+    where neither torch nor transformers' tokenizer classes are imported."""
+    import pickle
+    import subprocess
+    import sys
+
+    conversations = real_conversations() + AWKWARD + [MULTI_TURN]
+    parts = tokenizer_parts(tokenizer)
+    assert parts is not None
+    assert parts.backend not in repr(parts)  # repr keys each worker's cache: the digest stands for the backend
+    expected = encode_conversations(conversations, tokenizer, 100_000, "drop")
+    (tmp_path / "in.pkl").write_bytes(pickle.dumps((parts, conversations)))
+    script = (
+        "import pickle, sys\n"
+        "from instune.data.tokenize import encode_conversations\n"
+        f"parts, conversations = pickle.loads(open({str(tmp_path / 'in.pkl')!r}, 'rb').read())\n"
+        "render, backend = parts.build()\n"
+        "out = encode_conversations(conversations, None, 100_000, 'drop', render, backend)\n"
+        "assert 'torch' not in sys.modules and 'transformers.tokenization_utils_base' not in sys.modules\n"
+        f"open({str(tmp_path / 'out.pkl')!r}, 'wb').write(pickle.dumps(out))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    got = pickle.loads((tmp_path / "out.pkl").read_bytes())
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
+
+
+def test_no_parts_for_a_template_the_direct_render_does_not_reproduce(tokenizer, monkeypatch):
+    monkeypatch.setattr(ChatRenderer, "_slow", lambda self, messages, g: "something else")
+    assert tokenizer_parts(tokenizer) is None
 
 
 def test_fast_labels_equal_the_reference_rule_for_spans_anywhere(tokenizer):

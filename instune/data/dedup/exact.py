@@ -12,12 +12,10 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-from ray.data.aggregate import Count, Min
 
 from instune.data.filters import mark_table, reject_for_record, split_marked
-from instune.data.raydata import task_shuffle
+from instune.data.raydata import persist, repeated_keys
 from instune.data.schema import record_text
 
 STAGE = "dedup:exact"
@@ -49,12 +47,6 @@ def id_of(key: str) -> str:
     return key.rpartition(_ORDER_SEPARATOR)[2]
 
 
-def collect(ds: ray.data.Dataset) -> pa.Table | None:
-    """The whole (small) dataset as one Arrow table in the driver, or None when it has no rows."""
-    tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
-    return pa.concat_tables(tables) if tables else None
-
-
 def exact_dedup_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
     """(kept records in input order, reject rows) for a plain list."""
     first_of: dict[int, str] = {}
@@ -76,10 +68,6 @@ def _add_keys(batch: pa.Table) -> pa.Table:
     return batch.append_column(ORDER_COLUMN, pa.array([order_key(r["id"]) for r in rows], pa.string()))
 
 
-def _duplicated(groups: pa.Table) -> pa.Table:
-    return groups.filter(pc.greater(groups["copies"], 1))
-
-
 def _mark_duplicates(batch: pa.Table, hashes: np.ndarray, firsts: np.ndarray) -> pa.Table:
     own_hash = batch[HASH_COLUMN].to_numpy()
     own_order = np.asarray(batch[ORDER_COLUMN].to_pylist(), dtype=object)
@@ -92,20 +80,14 @@ def _mark_duplicates(batch: pa.Table, hashes: np.ndarray, firsts: np.ndarray) ->
     return mark_table(batch, failures)
 
 
-def exact_dedup(ds: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def exact_dedup(ds: ray.data.Dataset, work_dir: str | None = None) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(kept records, reject rows): one record per normalised text across the whole dataset.
 
-    The keyed records are materialized once; both outputs are lazy views over them.
+    The keyed records are computed once (written to `work_dir`, see raydata.persist); both outputs are lazy
+    views over them.
     """
-    keyed = task_shuffle(ds.map_batches(_add_keys, batch_format="pyarrow").materialize())
-    groups = (
-        keyed.select_columns([HASH_COLUMN, ORDER_COLUMN])
-        # Shuffle partitions follow the input's blocks rather than Ray's fixed default of 200.
-        .groupby(HASH_COLUMN, num_partitions=max(1, keyed.num_blocks()))
-        .aggregate(Count(alias_name="copies"), Min(ORDER_COLUMN, alias_name="first"))
-        .map_batches(_duplicated, batch_format="pyarrow")
-    )
-    duplicated = collect(groups)
+    keyed = persist(ds.map_batches(_add_keys, batch_format="pyarrow"), work_dir)
+    duplicated = repeated_keys(keyed, work_dir, HASH_COLUMN, ORDER_COLUMN)
     if duplicated is None:
         hashes, firsts = np.zeros(0, np.int64), np.zeros(0, object)
     else:

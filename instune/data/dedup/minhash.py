@@ -19,14 +19,12 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-from ray.data.aggregate import Count, Min
 
-from instune.data.dedup.exact import ORDER_COLUMN, collect, id_of, order_key
+from instune.data.dedup.exact import ORDER_COLUMN, id_of, order_key
 from instune.data.filters import mark_table, reject_for_record, split_marked
 from instune.data.filters.decontaminate import batch_ngram_hashes, mix64
-from instune.data.raydata import task_shuffle
+from instune.data.raydata import collect, persist, repeated_keys
 from instune.data.schema import record_text
 
 STAGE = "dedup:near"
@@ -198,10 +196,6 @@ def _band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Tabl
     return pa.table({BAND_COLUMN: keys.ravel(), ORDER_COLUMN: pa.array(order, pa.string())})
 
 
-def _shared_buckets(buckets: pa.Table) -> pa.Table:
-    return buckets.filter(pc.greater_equal(buckets["size"], 2)).select([BAND_COLUMN, "anchor"])
-
-
 def _bucket_edges(batch: pa.Table, shared_keys: np.ndarray, anchors: np.ndarray) -> pa.Table:
     keys = batch[BAND_COLUMN].to_numpy()
     slot = np.clip(np.searchsorted(shared_keys, keys), 0, max(len(shared_keys) - 1, 0))
@@ -224,21 +218,18 @@ def _mark_near(batch: pa.Table, rejected: dict[str, str]) -> pa.Table:
     return mark_table(batch, failures)
 
 
-def _candidate_edges(signed: ray.data.Dataset, num_perm: int, bands: int, rows: int) -> pa.Table | None:
+def _candidate_edges(signed: ray.data.Dataset, num_perm: int, bands: int, rows: int,
+                     work_dir: str | None = None) -> pa.Table | None:
     """(member, anchor) order keys for every record sharing an LSH bucket with a smaller one, or None."""
-    band_rows = task_shuffle(signed.map_batches(
+    band_rows = persist(signed.map_batches(
         _band_rows, fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows}, batch_format="pyarrow"
-    ).materialize())
-    buckets = collect(
-        band_rows.groupby(BAND_COLUMN, num_partitions=max(1, band_rows.num_blocks()))
-        .aggregate(Count(alias_name="size"), Min(ORDER_COLUMN, alias_name="anchor"))
-        .map_batches(_shared_buckets, batch_format="pyarrow")
-    )
+    ), work_dir)
+    buckets = repeated_keys(band_rows, work_dir, BAND_COLUMN, ORDER_COLUMN)
     if buckets is None:
         return None
     order = np.argsort(buckets[BAND_COLUMN].to_numpy())
     shared_keys = buckets[BAND_COLUMN].to_numpy()[order]
-    anchors = np.asarray(buckets["anchor"].to_pylist(), dtype=object)[order]
+    anchors = np.asarray(buckets["first"].to_pylist(), dtype=object)[order]
     edges = band_rows.map_batches(
         _bucket_edges,
         fn_kwargs={"shared_keys": shared_keys, "anchors": anchors},
@@ -264,19 +255,21 @@ def _verified_rejects(signed: ray.data.Dataset, edge_table: pa.Table, num_perm: 
 
 
 def near_dedup(
-    ds: ray.data.Dataset, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0
+    ds: ray.data.Dataset, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0,
+    work_dir: str | None = None,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(kept records, reject rows): one record per cluster of near-duplicates across the whole dataset.
 
     Signatures and band keys are computed in parallel; LSH buckets are grouped across all blocks by a hash
     aggregation. Only the candidate edges and the signatures of records in them come back to the driver,
-    which verifies the edges and finds clusters. The signed records are materialized once.
+    which verifies the edges and finds clusters. The signed records and their band keys are computed once
+    (written under `work_dir`, see raydata.persist).
     """
     bands, rows = optimal_bands(threshold, num_perm)
-    signed = ds.map_batches(
+    signed = persist(ds.map_batches(
         _add_signatures, fn_kwargs={"num_perm": num_perm, "ngram": ngram, "seed": seed}, batch_format="pyarrow"
-    ).materialize()
-    edge_table = _candidate_edges(signed, num_perm, bands, rows)
+    ), f"{work_dir}/signed" if work_dir else None)
+    edge_table = _candidate_edges(signed, num_perm, bands, rows, f"{work_dir}/bands" if work_dir else None)
     rejected = {} if edge_table is None else _verified_rejects(signed, edge_table, num_perm, threshold)
     marked = signed.map_batches(_mark_near, fn_kwargs={"rejected": rejected}, batch_format="pyarrow")
     return split_marked(marked, drop=[ORDER_COLUMN, SIGNATURE_COLUMN])

@@ -117,7 +117,7 @@ def _reject_rows(batch: pa.Table) -> pa.Table:
 
 
 def split_marked(marked: ray.data.Dataset, drop: list[str] = ()) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(kept records, reject rows) from a materialized dataset carrying the stage and reason columns.
+    """(kept records, reject rows) from a persisted dataset carrying the stage and reason columns.
 
     `drop` names helper columns (besides the marks) to remove from the kept records.
     """
@@ -126,9 +126,13 @@ def split_marked(marked: ray.data.Dataset, drop: list[str] = ()) -> tuple[ray.da
     return kept, rejects
 
 
-def filter_dataset(ds: ray.data.Dataset, checks: list[Check]) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(kept records, reject rows) for a Ray Dataset; runs the checks once (the marked data is materialized)."""
-    marked = ds.map_batches(_mark_batch, fn_kwargs={"checks": checks}, batch_format="pyarrow").materialize()
+def filter_dataset(ds: ray.data.Dataset, checks: list[Check], work_dir: str | None = None
+                   ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(kept records, reject rows) for a Ray Dataset; runs the checks once: the marked data is written to
+    `work_dir` (or materialized without one, see raydata.persist)."""
+    from instune.data.raydata import persist
+
+    marked = persist(ds.map_batches(_mark_batch, fn_kwargs={"checks": checks}, batch_format="pyarrow"), work_dir)
     return split_marked(marked)
 
 
