@@ -100,6 +100,10 @@ def repeated_keys(ds, directory: str | Path | None, key: str, order: str,
             grouped = table.group_by(key).aggregate([([], "count_all"), (order, "min")])
             groups = pa.table({key: grouped[key], "count": grouped["count_all"], "first": grouped[f"{order}_min"]})
             repeated = groups.filter(pc.greater(groups["count"], 1))
+            del table, grouped, groups
+            # Arrow's allocator keeps freed memory for reuse; hand the key table's back, or the driver holds it
+            # for the rest of the run.
+            pa.default_memory_pool().release_unused()
             return repeated if repeated.num_rows else None
         ds = read_parquet(directory, columns=[key, order], override_num_blocks=shuffle_partitions())
     groups = (task_shuffle(ds.select_columns([key, order]))
