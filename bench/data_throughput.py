@@ -208,7 +208,7 @@ def child(args) -> None:
     import ray.data
 
     from instune.data.dedup.minhash import near_dedup
-    from instune.data.prepare import parse_messages, plan_sources, prepare, read_all
+    from instune.data.prepare import plan_sources, prepare, read_all
 
     files = [Path(f) for f in args.files.split(",")]
     workdir = Path(args.workdir)
@@ -240,7 +240,7 @@ def child(args) -> None:
     # Near-dedup alone, on every normalised record of the corpus (duplicates included).
     records = (read_all(plan_sources(config.data.sources), config.data.max_record_bytes)
                .filter(expr="kind == 'kept'").select_columns(["id", "source", "domain", "messages", "metadata"])
-               .map_batches(parse_messages, batch_format="pyarrow").materialize())
+               .materialize())
     near = config.data.dedup.near
     work_dir = workdir / f"near-dedup-{len(files)}"  # as in prepare: stage outputs on disk (raydata.persist)
     shutil.rmtree(work_dir, ignore_errors=True)

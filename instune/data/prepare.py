@@ -17,11 +17,13 @@ Layout: filtered/ and quarantine/ (phase 1), train/ and validation/ (packed rows
 dropped at tokenization, with reasons), report/ (report.md and figures), manifest.json; written whole or not
 at all (atomic_dir).
 
-Inside Ray Data rows carry `messages` as JSON text: one stable Arrow type for kept and rejected rows alike.
+Reading writes every row, kept or rejected, in one Arrow schema (STAGING_SCHEMA): rejected rows have no
+messages, kept rows no reject fields, so no block's types depend on which rows it happens to hold.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -41,8 +43,13 @@ from instune.data.schema import REJECT_COLUMNS
 from instune.data.tokenize import TokenizerParts
 from instune.errors import UserError
 
-ROW_COLUMNS = ("kind", "id", "source", "domain", "messages", "metadata") + tuple(
-    c for c in REJECT_COLUMNS if c != "source")
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+STAGING_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("source", pa.string()),
+                            ("domain", pa.string()), ("messages", MESSAGES_TYPE), ("metadata", pa.string())]
+                           + [(c, pa.string()) for c in REJECT_COLUMNS if c != "source"])
+ROW_COLUMNS = tuple(STAGING_SCHEMA.names)
+# Rows per Arrow table a read task yields: Ray Data cuts blocks from these as they come.
+READ_TABLE_ROWS = 2048
 MANIFEST = "manifest.json"
 
 
@@ -64,9 +71,9 @@ def plan_sources(sources) -> list[SourceFiles]:
 
 def _row(kind: str, record: dict | None = None, reject: dict | None = None) -> dict:
     row = dict.fromkeys(ROW_COLUMNS, "")
-    row["kind"] = kind
+    row["kind"], row["messages"] = kind, []
     if record is not None:
-        row.update(record, messages=json.dumps(record["messages"], ensure_ascii=False))
+        row.update(record)
     if reject is not None:
         row.update(reject)
         row["id"] = f"{reject['source']}:{Path(reject['file']).name}:{reject['record']}"
@@ -74,10 +81,7 @@ def _row(kind: str, record: dict | None = None, reject: dict | None = None) -> d
 
 
 def read_file_rows(task: dict, max_record_bytes: int):
-    """Every row (kept and rejected) of one file, as a generator; runs inside a Ray task.
-
-    A generator, so Ray Data cuts the file's rows into blocks as they come: a worker never holds a whole file.
-    """
+    """Every row (kept and rejected) of one file, as a generator of dicts."""
     from instune.data.formats import to_canonical
     from instune.data.read import iter_raw_records
 
@@ -87,15 +91,32 @@ def read_file_rows(task: dict, max_record_bytes: int):
         yield _row(kind, record=value) if kind == "kept" else _row("rejected", reject=value)
 
 
+def read_file_tables(tasks: pa.Table, max_record_bytes: int):
+    """The rows of each file in `tasks` as STAGING_SCHEMA tables of READ_TABLE_ROWS; runs in a Ray task.
+
+    A generator, so a worker never holds a whole file.
+    """
+    for task in tasks.to_pylist():
+        rows = []
+        for row in read_file_rows(task, max_record_bytes):
+            rows.append(row)
+            if len(rows) == READ_TABLE_ROWS:
+                yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+
+
 def read_all(sources: list[SourceFiles], max_record_bytes: int):
-    """One Ray Dataset of every record of every file, one read task per file."""
+    """One Ray Dataset of every record of every file (STAGING_SCHEMA), one read task per file."""
     import ray.data
 
     tasks = [{"file": f, "source": s.name, "domain": s.domain, "format": s.format,
               "field_map": json.dumps(s.field_map) if s.field_map else ""}
              for s in sources for f in s.files]
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    return ds.flat_map(read_file_rows, fn_kwargs={"max_record_bytes": max_record_bytes})
+    return ds.map_batches(read_file_tables, batch_size=1, batch_format="pyarrow",
+                          fn_kwargs={"max_record_bytes": max_record_bytes})
 
 
 def _group_counts(batch: pa.Table, columns: list[str]) -> pa.Table:
@@ -181,15 +202,6 @@ def check_accounting(read_counts: dict, kept: dict, rejected: dict) -> None:
         assert read == k + r, f"source {source}: read {read} != kept {k} + rejected {r}"
 
 
-def parse_messages(batch):
-    """JSON-text messages (as staged) back to a list of {role, content} structs, for filters and dedup."""
-    import pyarrow as pa
-
-    messages = pa.array([json.loads(m) for m in batch["messages"].to_pylist()],
-                        pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
-    return batch.set_column(batch.schema.get_field_index("messages"), "messages", messages)
-
-
 # Order in which records can be rejected; the report lists stages in this order.
 STAGES = ("read", "normalise", "filter:length", "filter:quality", "filter:language", "filter:decontaminate",
           "dedup:exact", "dedup:near", "score")
@@ -238,9 +250,8 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     # data in the object store until then, so memory would grow with the corpus.
     quarantine = str(out_dir / "quarantine")
     annotated.filter(expr=col("kind") == "rejected").select_columns(list(REJECT_COLUMNS)).write_parquet(quarantine)
-    kept = (annotated.filter(expr=col("kind") == "kept")
-            .select_columns(["id", "source", "domain", "messages", "metadata"])
-            .map_batches(parse_messages, batch_format="pyarrow"))
+    kept = annotated.filter(expr=col("kind") == "kept").select_columns(["id", "source", "domain", "messages",
+                                                                         "metadata"])
     rejected = None
     if checks:
         print("[prepare] filtering", flush=True)
@@ -284,6 +295,10 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     check_accounting(read_counts, kept_counts, rejected_counts)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
+    # The driver grouped keys and verified candidate pairs; give what that took back before phase 2, or its
+    # memory grows with the corpus for the rest of the run (Arrow's allocator keeps freed pages for reuse).
+    gc.collect()
+    pa.default_memory_pool().release_unused()
     stages = stage_table(read_counts, reject_counts)
     by_reason: dict = {}
     for k in sorted(kinds, key=lambda k: (STAGES.index(k["stage"]), -k["count"], k["reason"])):
