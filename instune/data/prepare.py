@@ -443,6 +443,27 @@ class TokenizeAndPack:
         os.replace(partial, os.path.join(self.drops_dir, f"{name}.parquet"))
 
 
+# Records per block going into phase 2's random shuffle.
+SHUFFLE_BLOCK_ROWS = 20_000
+
+
+def shuffle_blocks(directory: str | Path) -> int:
+    """Blocks to read `directory` into for the random shuffle: four per CPU, or more for a large corpus.
+
+    Not one per file: the shuffle cuts every input block into one piece per output block, and the driver keeps
+    metadata for each piece, so with the few hundred files of a 200 MB corpus its memory grew with the square
+    of the corpus.
+    """
+    import pyarrow.dataset as pads
+    import ray
+
+    from instune.storage import resolve
+
+    fs, path = resolve(directory)
+    rows = pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    return max(4 * int(ray.cluster_resources().get("CPU", 1)), -(-rows // SHUFFLE_BLOCK_ROWS))
+
+
 def start_loading_tokenizer_parts(tokenizer_path: str):
     """A Ray object ref to the TokenizerParts of the tokenizer at `tokenizer_path` (None for one without).
 
@@ -490,7 +511,7 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
         held_in = drawn_counts(filtered_dir, "train", dict.fromkeys(kept, 1.0), seed, validation_fraction)
         kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
-    records = task_shuffle(read_parquet(str(filtered_dir)))
+    records = task_shuffle(read_parquet(str(filtered_dir), override_num_blocks=shuffle_blocks(filtered_dir)))
     tasks = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
     if tokenizer_parts is None:
         tokenizer_parts = ray.get(start_loading_tokenizer_parts(tokenizer_path))
