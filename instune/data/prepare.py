@@ -38,7 +38,7 @@ import pyarrow as pa
 from instune.atomic import atomic_dir, write_json
 from instune.data.filters import build_checks
 from instune.data.outcome import OutcomeMarkers
-from instune.data.raydata import read_parquet, task_shuffle
+from instune.data.raydata import cluster_cpus, read_parquet, task_shuffle
 from instune.data.schema import REJECT_COLUMNS
 from instune.data.tokenize import TokenizerParts
 from instune.errors import UserError
@@ -455,13 +455,12 @@ def shuffle_blocks(directory: str | Path) -> int:
     of the corpus.
     """
     import pyarrow.dataset as pads
-    import ray
 
     from instune.storage import resolve
 
     fs, path = resolve(directory)
     rows = pads.dataset(path, filesystem=fs, format="parquet").count_rows()
-    return max(4 * int(ray.cluster_resources().get("CPU", 1)), -(-rows // SHUFFLE_BLOCK_ROWS))
+    return max(4 * cluster_cpus(), -(-rows // SHUFFLE_BLOCK_ROWS))
 
 
 def start_loading_tokenizer_parts(tokenizer_path: str):
@@ -512,7 +511,7 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
         kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
     records = task_shuffle(read_parquet(str(filtered_dir), override_num_blocks=shuffle_blocks(filtered_dir)))
-    tasks = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    tasks = concurrency or cluster_cpus()
     if tokenizer_parts is None:
         tokenizer_parts = ray.get(start_loading_tokenizer_parts(tokenizer_path))
 

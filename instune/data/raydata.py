@@ -45,15 +45,21 @@ def task_shuffle(ds):
     return ds
 
 
-def shuffle_partitions() -> int:
-    """Partitions for a groupby over small key columns: one per CPU of the cluster.
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster (at least 1): the tasks that can run at once, and the partitions of a groupby.
 
-    Not one per input block: a sort shuffle makes (map tasks x partitions) pieces, so on a corpus read into
-    hundreds of blocks, partitions by block count made a groupby of a few MB of keys take 100 s on 2 CPUs.
+    A groupby has one partition per CPU, not one per input block: a sort shuffle makes (map tasks x partitions)
+    pieces, so on a corpus read into hundreds of blocks, partitions by block count made a groupby of a few MB
+    of keys take 100 s on 2 CPUs.
     """
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def has_parquet(directory: str | Path) -> bool:
+    """Whether a local `directory` holds Parquet files (Ray writes none for a dataset without rows)."""
+    return Path(directory).is_dir() and any(Path(directory).glob("*.parquet"))
 
 
 def persist(ds, directory: str | Path | None):
@@ -68,8 +74,8 @@ def persist(ds, directory: str | Path | None):
     if directory is None:
         return ds.materialize()
     ds.write_parquet(str(directory))
-    if not (Path(directory).is_dir() and any(Path(directory).glob("*.parquet"))):
-        return ray.data.from_items([])  # Ray writes no file for a dataset without rows
+    if not has_parquet(directory):
+        return ray.data.from_items([])
     return read_parquet(directory)
 
 
@@ -93,7 +99,7 @@ def repeated_keys(ds, directory: str | Path | None, key: str, order: str,
     if directory is not None:
         import pyarrow.dataset as pads
 
-        if not (Path(directory).is_dir() and any(Path(directory).glob("*.parquet"))):
+        if not has_parquet(directory):
             return None
         files = pads.dataset(str(directory), format="parquet")
         if files.count_rows() <= max_driver_rows:
@@ -102,9 +108,9 @@ def repeated_keys(ds, directory: str | Path | None, key: str, order: str,
             # for the rest of the run.
             pa.default_memory_pool().release_unused()
             return repeated
-        ds = read_parquet(directory, columns=[key, order], override_num_blocks=shuffle_partitions())
+        ds = read_parquet(directory, columns=[key, order], override_num_blocks=cluster_cpus())
     groups = (task_shuffle(ds.select_columns([key, order]))
-              .groupby(key, num_partitions=shuffle_partitions())
+              .groupby(key, num_partitions=cluster_cpus())
               .aggregate(Count(alias_name="count"), Min(order, alias_name="first"))
               .map_batches(_repeated, batch_format="pyarrow"))
     return collect(groups)
