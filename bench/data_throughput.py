@@ -238,9 +238,10 @@ def child(args) -> None:
         ray.shutdown()
         return
     # Near-dedup alone, on every normalised record of the corpus (duplicates included).
-    records = (read_all(plan_sources(config.data.sources), config.data.max_record_bytes)
-               .filter(expr="kind == 'kept'").select_columns(["id", "source", "domain", "messages", "metadata"])
-               .materialize())
+    scratch = workdir / f"near-dedup-read-{len(files)}"  # the read's rejects and counts, not looked at here
+    shutil.rmtree(scratch, ignore_errors=True)
+    records = read_all(plan_sources(config.data.sources), config.data.max_record_bytes, str(scratch / "quarantine"),
+                       str(scratch / "counts")).materialize()
     near = config.data.dedup.near
     work_dir = workdir / f"near-dedup-{len(files)}"  # as in prepare: stage outputs on disk (raydata.persist)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -17,8 +17,8 @@ Layout: filtered/ and quarantine/ (phase 1), train/ and validation/ (packed rows
 dropped at tokenization, with reasons), report/ (report.md and figures), manifest.json; written whole or not
 at all (atomic_dir).
 
-Reading writes every row, kept or rejected, in one Arrow schema (STAGING_SCHEMA): rejected rows have no
-messages, kept rows no reject fields, so no block's types depend on which rows it happens to hold.
+Every stage of phase 1 writes its rejects straight to `quarantine/` from the task that finds them
+(instune.data.rejects) and passes only its kept records on, so reading and filtering are one streaming pass.
 """
 
 from __future__ import annotations
@@ -39,15 +39,14 @@ from instune.atomic import atomic_dir, write_json
 from instune.data.filters import build_checks
 from instune.data.outcome import OutcomeMarkers
 from instune.data.raydata import cluster_cpus, read_parquet, task_shuffle
-from instune.data.schema import REJECT_COLUMNS
 from instune.data.tokenize import TokenizerParts
 from instune.errors import UserError
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-STAGING_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("source", pa.string()),
-                            ("domain", pa.string()), ("messages", MESSAGES_TYPE), ("metadata", pa.string())]
-                           + [(c, pa.string()) for c in REJECT_COLUMNS if c != "source"])
-ROW_COLUMNS = tuple(STAGING_SCHEMA.names)
+# The canonical record (schema.py) as reading yields it: messages as structs, so no block's types depend on
+# which rows it happens to hold.
+RECORD_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("domain", pa.string()),
+                           ("messages", MESSAGES_TYPE), ("metadata", pa.string())])
 # Rows per Arrow table a read task yields: Ray Data cuts blocks from these as they come.
 READ_TABLE_ROWS = 2048
 MANIFEST = "manifest.json"
@@ -69,54 +68,70 @@ def plan_sources(sources) -> list[SourceFiles]:
     return [SourceFiles(s.name, s.domain, s.format, s.field_map, expand_paths(s.name, s.path)) for s in sources]
 
 
-def _row(kind: str, record: dict | None = None, reject: dict | None = None) -> dict:
-    row = dict.fromkeys(ROW_COLUMNS, "")
-    row["kind"], row["messages"] = kind, []
-    if record is not None:
-        row.update(record)
-    if reject is not None:
-        row.update(reject)
-        row["id"] = f"{reject['source']}:{Path(reject['file']).name}:{reject['record']}"
-    return row
+def read_file_tables(tasks: pa.Table, max_record_bytes: int, quarantine: str, counts_dir: str):
+    """The kept records of each file in `tasks`, as RECORD_SCHEMA tables of READ_TABLE_ROWS; runs in a Ray task.
 
-
-def read_file_rows(task: dict, max_record_bytes: int):
-    """Every row (kept and rejected) of one file, as a generator of dicts."""
+    A generator, so a worker never holds a whole file. Rejects go to `quarantine` as they gather
+    (rejects.write_rejects); once a file is done, the number of records read from it goes to
+    `counts_dir/<task index>.json`: the accounting's "read", counted by the reader itself.
+    """
+    from instune.atomic import write_json
     from instune.data.formats import to_canonical
     from instune.data.read import iter_raw_records
+    from instune.data.rejects import write_rejects
 
-    field_map = json.loads(task["field_map"]) if task["field_map"] else None
-    items = iter_raw_records(task["file"], max_record_bytes)
-    for kind, value in to_canonical(items, task["source"], task["domain"], task["format"], field_map, task["file"]):
-        yield _row(kind, record=value) if kind == "kept" else _row("rejected", reject=value)
-
-
-def read_file_tables(tasks: pa.Table, max_record_bytes: int):
-    """The rows of each file in `tasks` as STAGING_SCHEMA tables of READ_TABLE_ROWS; runs in a Ray task.
-
-    A generator, so a worker never holds a whole file.
-    """
     for task in tasks.to_pylist():
-        rows = []
-        for row in read_file_rows(task, max_record_bytes):
-            rows.append(row)
-            if len(rows) == READ_TABLE_ROWS:
-                yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+        field_map = json.loads(task["field_map"]) if task["field_map"] else None
+        items = iter_raw_records(task["file"], max_record_bytes)
+        kept, rejected, read = [], [], 0
+        for kind, value in to_canonical(items, task["source"], task["domain"], task["format"], field_map,
+                                        task["file"]):
+            read += 1
+            if kind != "kept":
+                rejected.append(value)
+                if len(rejected) == READ_TABLE_ROWS:
+                    write_rejects(rejected, quarantine)
+                    rejected = []
+                continue
+            kept.append(value)
+            if len(kept) == READ_TABLE_ROWS:
+                yield pa.Table.from_pylist(kept, schema=RECORD_SCHEMA)
+                kept = []
+        if kept:
+            yield pa.Table.from_pylist(kept, schema=RECORD_SCHEMA)
+        write_rejects(rejected, quarantine)
+        write_json(Path(counts_dir) / f"{task['index']:06d}.json",
+                   {"source": task["source"], "file": task["file"], "read": read})
 
 
-def read_all(sources: list[SourceFiles], max_record_bytes: int):
-    """One Ray Dataset of every record of every file (STAGING_SCHEMA), one read task per file."""
+def read_tasks(sources: list[SourceFiles]) -> list[dict]:
+    """One task per file of every source, numbered."""
+    tasks = [{"file": f, "source": s.name, "domain": s.domain, "format": s.format,
+              "field_map": json.dumps(s.field_map) if s.field_map else ""} for s in sources for f in s.files]
+    return [{**task, "index": i} for i, task in enumerate(tasks)]
+
+
+def read_all(sources: list[SourceFiles], max_record_bytes: int, quarantine: str, counts_dir: str):
+    """One Ray Dataset of the kept records of every file (RECORD_SCHEMA), one read task per file; rejects and
+    per-file read counts are written by the read tasks (read_file_tables)."""
     import ray.data
 
-    tasks = [{"file": f, "source": s.name, "domain": s.domain, "format": s.format,
-              "field_map": json.dumps(s.field_map) if s.field_map else ""}
-             for s in sources for f in s.files]
+    tasks = read_tasks(sources)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     return ds.map_batches(read_file_tables, batch_size=1, batch_format="pyarrow",
-                          fn_kwargs={"max_record_bytes": max_record_bytes})
+                          fn_kwargs={"max_record_bytes": max_record_bytes, "quarantine": quarantine,
+                                     "counts_dir": counts_dir})
+
+
+def read_counts(counts_dir: Path, sources: list[SourceFiles]) -> dict[str, int]:
+    """{source: records read} from the read tasks' count files; every file must have reported."""
+    counts = {s.name: 0 for s in sources}
+    reports = [json.loads(p.read_text()) for p in sorted(Path(counts_dir).glob("*.json"))]
+    tasks = sum(len(s.files) for s in sources)
+    assert len(reports) == tasks, f"{len(reports)} of {tasks} files reported how many records they hold"
+    for report in reports:
+        counts[report["source"]] += report["read"]
+    return counts
 
 
 def _group_counts(batch: pa.Table, columns: list[str]) -> pa.Table:
@@ -176,22 +191,28 @@ def _reject_kind_counts(batch: pa.Table) -> pa.Table:
     return batch.group_by(_KIND_KEYS).aggregate([([], "count_all"), ("reason", "min"), ("example", "min")])
 
 
-def reject_kinds(quarantine) -> list[dict]:
+def reject_kinds(quarantine: Path) -> list[dict]:
     """[{source, stage, reason (a kind), count, example_reason, example}] over every reject, one row per kind.
 
-    Grouped per block, then merged here: there are few kinds, however many rejects.
+    Read here, a batch at a time and only the columns it needs, and grouped per batch: there are few kinds,
+    however many rejects, and a Ray job would cost more than the read.
     """
-    from instune.data.raydata import collect
+    import pyarrow.dataset as pads
 
-    per_block = collect(quarantine.map_batches(_reject_kind_counts, batch_format="pyarrow"))
+    from instune.data.raydata import has_parquet
+
     merged: dict[tuple, dict] = {}
-    for row in per_block.to_pylist() if per_block is not None else []:
-        key = tuple(row[k] for k in _KIND_KEYS)
-        kind = merged.setdefault(key, {"source": key[0], "stage": key[1], "reason": key[2], "count": 0,
-                                       "example_reason": row["reason_min"], "example": row["example_min"]})
-        kind["count"] += row["count_all"]
-        kind["example_reason"] = min(kind["example_reason"], row["reason_min"])
-        kind["example"] = min(kind["example"], row["example_min"])
+    if not has_parquet(quarantine):
+        return []
+    columns = ["source", "stage", "reason", "example"]
+    for batch in pads.dataset(str(quarantine), format="parquet").to_batches(columns=columns):
+        for row in _reject_kind_counts(pa.Table.from_batches([batch])).to_pylist():
+            key = tuple(row[k] for k in _KIND_KEYS)
+            kind = merged.setdefault(key, {"source": key[0], "stage": key[1], "reason": key[2], "count": 0,
+                                           "example_reason": row["reason_min"], "example": row["example_min"]})
+            kind["count"] += row["count_all"]
+            kind["example_reason"] = min(kind["example_reason"], row["reason_min"])
+            kind["example"] = min(kind["example"], row["example_min"])
     return list(merged.values())
 
 
@@ -232,40 +253,29 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
     """
     import shutil
 
-    import ray.data
-    from ray.data.expressions import col
+    import ray
 
     from instune.data.dedup.exact import exact_dedup
     from instune.data.dedup.minhash import near_dedup
     from instune.data.filters import filter_dataset
 
-    staging = out_dir / ".staging"
-    # Each stage's output, computed once and read by its kept and rejected views: on disk rather than in the
-    # object store (raydata.persist).
-    work = out_dir / ".work"
-    read_all(sources, data_config.max_record_bytes).write_parquet(str(staging))
-    annotated = read_parquet(str(staging))
-    # Each stage's rejects are written as soon as the stage has run (Ray's write_parquet adds files to the
-    # directory): a lazy reject branch kept for one write at the end would hold every stage's materialized
-    # data in the object store until then, so memory would grow with the corpus.
+    # Every stage writes its rejects to the quarantine as it goes (instune.data.rejects) and passes its kept
+    # records on, so reading and filtering stream through in one pass. Dedup and scoring need the whole corpus
+    # before they can decide, so their inputs are computed once and stored under `work` (raydata.persist).
     quarantine = str(out_dir / "quarantine")
-    annotated.filter(expr=col("kind") == "rejected").select_columns(list(REJECT_COLUMNS)).write_parquet(quarantine)
-    kept = annotated.filter(expr=col("kind") == "kept").select_columns(["id", "source", "domain", "messages",
-                                                                         "metadata"])
-    rejected = None
+    work = out_dir / ".work"
+    kept = read_all(sources, data_config.max_record_bytes, quarantine, str(work / "read"))
     if checks:
         print("[prepare] filtering", flush=True)
-        kept, rejected = filter_dataset(kept, checks, str(work / "filter"))
-        rejected.write_parquet(quarantine)
+        kept, _ = filter_dataset(kept, checks, quarantine=quarantine)
     if data_config.dedup.exact:
         print("[prepare] exact deduplication", flush=True)
-        kept, rejected = exact_dedup(kept, str(work / "exact"))
-        rejected.write_parquet(quarantine)
+        kept, _ = exact_dedup(kept, str(work / "exact"), quarantine)
     near = data_config.dedup.near
     if near is not None:
         print("[prepare] near-duplicate deduplication (MinHash LSH)", flush=True)
-        kept, rejected = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed, str(work / "near"))
-        rejected.write_parquet(quarantine)
+        kept, _ = near_dedup(kept, near.threshold, near.num_perm, near.ngram, near.seed, str(work / "near"),
+                             quarantine)
     if scoring is not None:
         from instune.data.score import score_dataset
 
@@ -273,37 +283,32 @@ def filter_and_split(sources: list[SourceFiles], data_config, out_dir: Path, che
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         print(f"[prepare] scoring with the reference model ({scoring['metric']}, "
               f"{'GPU' if num_gpus else 'CPU'})", flush=True)
-        kept, rejected = score_dataset(kept, num_gpus=num_gpus, work_dir=str(work / "score"), **scoring)
-        rejected.write_parquet(quarantine)
+        kept, _ = score_dataset(kept, num_gpus=num_gpus, work_dir=str(work / "score"), quarantine=quarantine,
+                                **scoring)
     kept.write_parquet(str(out_dir / "filtered"))
-    del kept, rejected  # their blocks are on disk now; let the object store have the memory back
+    del kept  # its blocks are on disk now; let the object store have the memory back
 
     names = [s.name for s in sources]
-    read_counts = {n: 0 for n in names}
-    for (source,), n in count_rows(staging, ["source"]).items():
-        read_counts[source] = n
+    read_counts_by_source = read_counts(work / "read", sources)
     kept_counts = {n: 0 for n in names}
     for (source,), n in count_rows(out_dir / "filtered", ["source"]).items():
         kept_counts[source] = n
-    kinds = []
-    if (out_dir / "quarantine").exists():
-        kinds = reject_kinds(read_parquet(str(out_dir / "quarantine")))
+    kinds = reject_kinds(out_dir / "quarantine")
     reject_counts = Counter()
     for k in kinds:
         reject_counts[(k["source"], k["stage"], k["reason"])] += k["count"]
     rejected_counts = {n: sum(v for (s, _, _), v in reject_counts.items() if s == n) for n in names}
-    check_accounting(read_counts, kept_counts, rejected_counts)
-    shutil.rmtree(staging, ignore_errors=True)
+    check_accounting(read_counts_by_source, kept_counts, rejected_counts)
     shutil.rmtree(work, ignore_errors=True)
     # The driver grouped keys and verified candidate pairs; give what that took back before phase 2, or its
     # memory grows with the corpus for the rest of the run (Arrow's allocator keeps freed pages for reuse).
     gc.collect()
     pa.default_memory_pool().release_unused()
-    stages = stage_table(read_counts, reject_counts)
+    stages = stage_table(read_counts_by_source, reject_counts)
     by_reason: dict = {}
     for k in sorted(kinds, key=lambda k: (STAGES.index(k["stage"]), -k["count"], k["reason"])):
         by_reason.setdefault(k["source"], []).append({key: k[key] for key in k if key != "source"})
-    return {n: {"read": read_counts[n], "kept": kept_counts[n], "rejected": rejected_counts[n],
+    return {n: {"read": read_counts_by_source[n], "kept": kept_counts[n], "rejected": rejected_counts[n],
                 "stages": stages[n], "rejects": by_reason.get(n, [])} for n in names}
 
 

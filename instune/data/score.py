@@ -187,9 +187,11 @@ def scores_by_source(scored) -> dict[str, np.ndarray]:
 
 def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
                   num_actors: int, num_gpus: float, min_score: float | None, max_score: float | None,
-                  top_fraction: float | None, keep: str | None, work_dir: str | None = None):
+                  top_fraction: float | None, keep: str | None, work_dir: str | None = None,
+                  quarantine: str | None = None):
     """(kept records with scores in their metadata, reject rows); the scored records are computed once
-    (written to `work_dir`, see raydata.persist)."""
+    (written to `work_dir`, see raydata.persist). With a `quarantine` directory the rejects are written there
+    instead of returned (filters.split_marked)."""
     from instune.data.raydata import persist
 
     scored = persist(ds.map_batches(
@@ -205,4 +207,4 @@ def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_
     marked = scored.map_batches(
         _mark_scores, fn_kwargs={"metric": metric, "cutoffs": cutoffs, "thresholds": thresholds, "highest": highest},
         batch_format="pyarrow")
-    return split_marked(marked, drop=[SCORE_COLUMN])
+    return split_marked(marked, drop=[SCORE_COLUMN], quarantine=quarantine)

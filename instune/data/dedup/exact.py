@@ -80,11 +80,12 @@ def _mark_duplicates(batch: pa.Table, hashes: np.ndarray, firsts: np.ndarray) ->
     return mark_table(batch, failures)
 
 
-def exact_dedup(ds: ray.data.Dataset, work_dir: str | None = None) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def exact_dedup(ds: ray.data.Dataset, work_dir: str | None = None, quarantine: str | None = None
+                ) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
     """(kept records, reject rows): one record per normalised text across the whole dataset.
 
     The keyed records are computed once (written to `work_dir`, see raydata.persist); both outputs are lazy
-    views over them.
+    views over them. With a `quarantine` directory the rejects are written there instead (filters.split_marked).
     """
     keyed = persist(ds.map_batches(_add_keys, batch_format="pyarrow"), work_dir)
     duplicated = repeated_keys(keyed, work_dir, HASH_COLUMN, ORDER_COLUMN)
@@ -100,7 +101,7 @@ def exact_dedup(ds: ray.data.Dataset, work_dir: str | None = None) -> tuple[ray.
         fn_kwargs={"hashes": hashes, "firsts": firsts},
         batch_format="pyarrow",
     )
-    return split_marked(marked, drop=[HASH_COLUMN, ORDER_COLUMN])
+    return split_marked(marked, drop=[HASH_COLUMN, ORDER_COLUMN], quarantine=quarantine)
 
 
 __all__ = ["exact_dedup", "exact_dedup_records", "normalise_text", "order_key", "text_hash"]

@@ -256,14 +256,15 @@ def _verified_rejects(signed: ray.data.Dataset, edge_table: pa.Table, num_perm: 
 
 def near_dedup(
     ds: ray.data.Dataset, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0,
-    work_dir: str | None = None,
-) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    work_dir: str | None = None, quarantine: str | None = None,
+) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
     """(kept records, reject rows): one record per cluster of near-duplicates across the whole dataset.
 
     Signatures and band keys are computed in parallel; LSH buckets are grouped across all blocks by a hash
     aggregation. Only the candidate edges and the signatures of records in them come back to the driver,
     which verifies the edges and finds clusters. The signed records and their band keys are computed once
-    (written under `work_dir`, see raydata.persist).
+    (written under `work_dir`, see raydata.persist). With a `quarantine` directory the rejects are written there
+    instead of returned (filters.split_marked).
     """
     bands, rows = optimal_bands(threshold, num_perm)
     signed = persist(ds.map_batches(
@@ -272,4 +273,4 @@ def near_dedup(
     edge_table = _candidate_edges(signed, num_perm, bands, rows, f"{work_dir}/bands" if work_dir else None)
     rejected = {} if edge_table is None else _verified_rejects(signed, edge_table, num_perm, threshold)
     marked = signed.map_batches(_mark_near, fn_kwargs={"rejected": rejected}, batch_format="pyarrow")
-    return split_marked(marked, drop=[ORDER_COLUMN, SIGNATURE_COLUMN])
+    return split_marked(marked, drop=[ORDER_COLUMN, SIGNATURE_COLUMN], quarantine=quarantine)

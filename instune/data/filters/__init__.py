@@ -16,7 +16,8 @@ from instune.data.filters.decontaminate import build_ngram_index, check_contamin
 from instune.data.filters.language import check_language
 from instune.data.filters.length import check_length
 from instune.data.filters.quality import check_quality
-from instune.data.schema import REJECT_COLUMNS, make_reject, record_text
+from instune.data.rejects import REJECT_SCHEMA, write_rejects
+from instune.data.schema import make_reject, record_text
 
 if TYPE_CHECKING:
     import ray.data
@@ -28,7 +29,6 @@ Check = tuple[str, Callable[[dict], "str | None"]]
 # Columns a marking pass adds before kept records and rejects are split apart.
 STAGE_COLUMN = "_reject_stage"
 REASON_COLUMN = "_reject_reason"
-REJECT_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 
 
 def record_location(record: dict) -> tuple[str, str]:
@@ -110,30 +110,52 @@ def _kept_rows(batch: pa.Table, drop: list[str]) -> pa.Table:
     return kept.drop_columns([STAGE_COLUMN, REASON_COLUMN, *drop])
 
 
-def _reject_rows(batch: pa.Table) -> pa.Table:
+def _reject_dicts(batch: pa.Table) -> list[dict]:
     rejected = batch.filter(pc.not_equal(batch[REASON_COLUMN], ""))
-    rows = [reject_for_record(r, r[STAGE_COLUMN], r[REASON_COLUMN]) for r in rejected.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)
+    return [reject_for_record(r, r[STAGE_COLUMN], r[REASON_COLUMN]) for r in rejected.to_pylist()]
 
 
-def split_marked(marked: ray.data.Dataset, drop: list[str] = ()) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(kept records, reject rows) from a persisted dataset carrying the stage and reason columns.
+def _reject_rows(batch: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist(_reject_dicts(batch), schema=REJECT_SCHEMA)
 
-    `drop` names helper columns (besides the marks) to remove from the kept records.
+
+def _quarantine_and_keep(batch: pa.Table, drop: list[str], quarantine: str) -> pa.Table:
+    write_rejects(_reject_dicts(batch), quarantine)
+    return _kept_rows(batch, drop)
+
+
+def split_marked(marked: ray.data.Dataset, drop: list[str] = (), quarantine: str | None = None
+                 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
+    """(kept records, reject rows) from a dataset carrying the stage and reason columns.
+
+    `drop` names helper columns (besides the marks) to remove from the kept records. With a `quarantine`
+    directory the rejects are written there as the kept records are consumed (see instune.data.rejects) and
+    None is returned for them: `marked` is then read once. Without one, `marked` must have been persisted,
+    as each view reads it.
     """
+    if quarantine is not None:
+        kept = marked.map_batches(_quarantine_and_keep, fn_kwargs={"drop": list(drop), "quarantine": quarantine},
+                                  batch_format="pyarrow")
+        return kept, None
     kept = marked.map_batches(_kept_rows, fn_kwargs={"drop": list(drop)}, batch_format="pyarrow")
     rejects = marked.map_batches(_reject_rows, batch_format="pyarrow")
     return kept, rejects
 
 
-def filter_dataset(ds: ray.data.Dataset, checks: list[Check], work_dir: str | None = None
-                   ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(kept records, reject rows) for a Ray Dataset; runs the checks once: the marked data is written to
-    `work_dir` (or materialized without one, see raydata.persist)."""
+def filter_dataset(ds: ray.data.Dataset, checks: list[Check], work_dir: str | None = None,
+                   quarantine: str | None = None) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
+    """(kept records, reject rows) for a Ray Dataset.
+
+    With a `quarantine` directory the checks run as the kept records stream on, each task writing its
+    rejects there (None is returned for them). Without one, the marked data is computed once, written to
+    `work_dir` (or materialized without one, see raydata.persist), and both views read it.
+    """
     from instune.data.raydata import persist
 
-    marked = persist(ds.map_batches(_mark_batch, fn_kwargs={"checks": checks}, batch_format="pyarrow"), work_dir)
-    return split_marked(marked)
+    marked = ds.map_batches(_mark_batch, fn_kwargs={"checks": checks}, batch_format="pyarrow")
+    if quarantine is not None:
+        return split_marked(marked, quarantine=quarantine)
+    return split_marked(persist(marked, work_dir))
 
 
 __all__ = [

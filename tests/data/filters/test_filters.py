@@ -125,3 +125,24 @@ def test_filter_dataset_matches_the_plain_version_across_blocks(local_ray):
     key = lambda r: r["record"]  # noqa: E731
     assert sorted(rejects.take_all(), key=key) == sorted(expected_rejects, key=key)
     assert kept.schema().names == ["id", "source", "domain", "messages", "metadata"]
+
+
+def test_filter_dataset_writes_rejects_to_the_quarantine_once_however_often_it_runs(local_ray, tmp_path):
+    import pyarrow.parquet as pq
+
+    records = mixed_records() + [conversation(10 + i, f"What is {i} + {i}?", str(2 * i)) for i in range(20)]
+    checks = build_checks(all_filters(), eval_texts=EVAL_TEXTS)
+    expected_kept, expected_rejects = split_records(records, checks)
+    assert expected_rejects  # the quarantine has something to hold
+    quarantine = tmp_path / "quarantine"
+    kept, rejects = filter_dataset(ray.data.from_items(records, override_num_blocks=4), checks,
+                                   quarantine=str(quarantine))
+    assert rejects is None
+    # The rejects are written as the kept records are consumed; a second run (a retried task does the same)
+    # rewrites the same files rather than adding copies.
+    for _ in range(2):
+        assert sorted(r["id"] for r in kept.take_all()) == sorted(r["id"] for r in expected_kept)
+    written = pq.read_table(quarantine).to_pylist()
+    key = lambda r: r["record"]  # noqa: E731
+    assert sorted(written, key=key) == sorted(expected_rejects, key=key)
+    assert not [p for p in quarantine.iterdir() if not p.name.endswith(".parquet")]  # no partial files left

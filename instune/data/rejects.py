@@ -1,0 +1,36 @@
+"""Rejects written to the quarantine by the task that finds them, while it passes the kept records on.
+
+A stage that splits its input into kept records and rejects would otherwise need its output twice, once for
+each view, so the whole corpus had to be stored (raydata.persist) and read back twice. With a quarantine
+directory, a stage's task writes its batch's rejects there itself and yields only the kept records: one pass,
+and the rejects are on disk once the kept records have been consumed downstream (prepare writes them all).
+
+A file is named by what it holds (every reject's source, file, record and stage), written under a hidden name
+and renamed: a retried task rewrites its own file instead of adding a copy, and no reader takes a partial
+file. The accounting (read == kept + rejected, per source) checks that nothing was lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pyarrow as pa
+
+from instune.data.schema import REJECT_COLUMNS
+
+REJECT_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
+
+
+def write_rejects(rows: list[dict], directory: str) -> None:
+    """Reject rows (schema.make_reject) as one Parquet file in `directory`; nothing for no rows."""
+    if not rows:
+        return
+    import pyarrow.parquet as pq
+
+    key = "\n".join(f"{r['source']}\0{r['file']}\0{r['record']}\0{r['stage']}" for r in rows)
+    name = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    os.makedirs(directory, exist_ok=True)
+    partial = os.path.join(directory, f".{name}.{os.getpid()}.partial")
+    pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), partial)
+    os.replace(partial, os.path.join(directory, f"{name}.parquet"))
