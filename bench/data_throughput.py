@@ -9,7 +9,8 @@ three times as many more), with exact and near duplicates across files. Then, on
     in batches of 1,000, one process using every core (the Rust tokenizer's own threads);
   * `prepare` with two configs, each run in a fresh process with its own local Ray cluster:
       - "tokenize": read, normalise, chat template, tokenize with label masks, pack, write; filters and dedup
-        off. This is the pipeline doing the tokenizer's job, so its throughput ratio is the target's;
+        off. This is the pipeline doing the tokenizer's job, so its throughput ratio is the target's. Run on N
+        and on 4N (each against the baseline on the same corpus), timed with no memory sampling;
       - "full": the default filters (length, quality) plus exact and MinHash near-dedup, on N and on 4N,
         while a thread samples the proportional set size (PSS: shared pages split between the processes that
         map them) of that process and all its children (raylet, GCS, Ray workers); RSS where PSS is
@@ -224,6 +225,14 @@ def child(args) -> None:
             ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
     data_dir = workdir / f"data-{args.pipeline}-{len(files)}"
+    if args.pipeline == "tokenize":
+        # Timed alone: sampling every process's PSS costs the kernel about a tenth of a core.
+        started = time.perf_counter()
+        manifest = prepare(config, args.tokenizer, data_dir)
+        print("RESULT " + json.dumps({"seconds": time.perf_counter() - started,
+                                      "records": manifest["sources"]["chat"]["read"]}))
+        ray.shutdown()
+        return
     with PeakMemory() as memory:
         started = time.perf_counter()
         manifest = prepare(config, args.tokenizer, data_dir)
@@ -233,10 +242,6 @@ def child(args) -> None:
               "packing_efficiency": manifest["splits"]["train"]["packing_efficiency"],
               "peak_bytes": memory.peak, "memory_kind": memory.kind, "peak_by_process": memory.breakdown,
               "peak_at": memory.peak_at}
-    if args.pipeline == "tokenize":
-        print("RESULT " + json.dumps(result))
-        ray.shutdown()
-        return
     # Near-dedup alone, on every normalised record of the corpus (duplicates included).
     scratch = workdir / f"near-dedup-read-{len(files)}"  # the read's rejects and counts, not looked at here
     shutil.rmtree(scratch, ignore_errors=True)
@@ -288,10 +293,16 @@ def main() -> None:
     print(f"writing corpora under {workdir} ...", flush=True)
     small, large = write_corpora(workdir, args.mb)
     tokenizer = tokenizer_dir(workdir)
-    print("tokenizer baseline ...", flush=True)
+    print("tokenizer baseline N ...", flush=True)
     base = baseline(small, tokenizer)
     print("prepare N, tokenize only ...", flush=True)
     t = run_child(small, args, tokenizer, "tokenize")
+    # 4N as well: at N a run's fixed costs (Ray jobs starting, workers importing, the tokenizer's parts loaded,
+    # the report drawn) are a large share; at 4N the ratio is closer to the pipeline's steady throughput.
+    print("tokenizer baseline 4N ...", flush=True)
+    base4 = baseline(large, tokenizer)
+    print("prepare 4N, tokenize only ...", flush=True)
+    t4 = run_child(large, args, tokenizer, "tokenize")
     print("prepare N, full ...", flush=True)
     n = run_child(small, args, tokenizer, "full")
     print("prepare 4N, full ...", flush=True)
@@ -300,15 +311,19 @@ def main() -> None:
     size = lambda files: sum(f.stat().st_size for f in files) / 1e6  # noqa: E731
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     throughput_ratio = base["seconds"] / t["seconds"]
+    throughput_ratio4 = base4["seconds"] / t4["seconds"]
     full_ratio = base["seconds"] / n["seconds"]
     memory_ratio = n4["peak_bytes"] / n["peak_bytes"]
     dedup_ratio = n4["dedup_seconds"] / n["dedup_seconds"]
     rows = [
         ("corpus MB", f"{size(small):.1f}", f"{size(large):.1f}", "", ""),
+        ("tokenizer baseline seconds", f"{base['seconds']:.1f}", f"{base4['seconds']:.1f}", "", ""),
         ("tokenize-only prepare seconds (phase 1, phase 2)",
-         f"{t['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in t['phase_seconds'])})", "", "", ""),
-        ("throughput tokenize-only prepare / tokenizer", f"{throughput_ratio:.3f}", "", ">= 0.8",
-         "met" if throughput_ratio >= 0.8 else "missed"),
+         f"{t['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in t['phase_seconds'])})",
+         f"{t4['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in t4['phase_seconds'])})", "", ""),
+        ("throughput tokenize-only prepare / tokenizer", f"{throughput_ratio:.3f}", f"{throughput_ratio4:.3f}",
+         ">= 0.8", f"{'met' if throughput_ratio >= 0.8 else 'missed'} at N, "
+                   f"{'met' if throughput_ratio4 >= 0.8 else 'missed'} at 4N"),
         ("records read / kept", f"{n['records']:,} / {n['kept']:,}", f"{n4['records']:,} / {n4['kept']:,}", "", ""),
         ("full prepare seconds (phase 1, phase 2)", f"{n['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in n['phase_seconds'])})",
          f"{n4['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in n4['phase_seconds'])})", "", ""),
