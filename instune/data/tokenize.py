@@ -77,6 +77,7 @@ class ChatRenderer:
         except Exception:  # any template or version quirk: the slow path is always right
             self._direct = None
         self.lone_prompt = self._lone_prompt()
+        self.layout = learn_layout(self)
 
     @classmethod
     def direct(cls, template: str, variables: dict) -> "ChatRenderer":
@@ -86,6 +87,7 @@ class ChatRenderer:
         render.tokenizer, render.template, render.variables = None, template, variables
         render._direct = _direct_render(template, variables)
         render.lone_prompt = render._lone_prompt()
+        render.layout = learn_layout(render)
         return render
 
     def _slow(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -104,11 +106,88 @@ class ChatRenderer:
             return ""
 
 
+@dataclass(frozen=True)
+class TurnLayout:
+    """Where a template puts each message: a fixed start, then every message as fixed text before and after
+    its content (by role), and a fixed generation prompt. ChatML, Llama 3 and many others render this way.
+
+    With a layout, one render places every assistant turn: the render is compared with the layout's
+    prediction, and the spans follow from the lengths. Otherwise `assistant_spans` renders two prefixes per
+    assistant turn, most of the rendering cost. A layout is only used where it reproduced every prefix render
+    of the probe conversations (`learn_layout`), and for a conversation only where it reproduces its render.
+    """
+
+    start: str
+    around: dict[str, tuple[str, str]]  # role -> (text before the content, text after it)
+    generation_prompt: str
+
+    def place(self, messages: list[dict]) -> tuple[str, list[int]] | None:
+        """(the predicted render, where each message starts plus where the last ends); None for unknown roles."""
+        pieces, bounds, at = [self.start], [], len(self.start)
+        for message in messages:
+            around = self.around.get(message["role"])
+            if around is None:
+                return None
+            bounds.append(at)
+            piece = around[0] + message["content"] + around[1]
+            pieces.append(piece)
+            at += len(piece)
+        return "".join(pieces), bounds + [at]
+
+
+_LAYOUT_PROBES = (
+    [("system", "\u27e6s0\u27e7"), ("user", "\u27e6u1\u27e7"), ("assistant", "\u27e6a2\u27e7"),
+     ("user", "\u27e6u3\u27e7"), ("assistant", "\u27e6a4\u27e7")],
+    [("user", "\u27e6u5\u27e7"), ("assistant", "\u27e6a6\u27e7"), ("user", "\u27e6u7\u27e7"),
+     ("assistant", "\u27e6a8\u27e7")],
+    [("assistant", "\u27e6a9\u27e7")],
+)
+
+
+def learn_layout(render: "ChatRenderer") -> TurnLayout | None:
+    """The template's TurnLayout, read off probe renders; None where any probe render (every prefix of every
+    probe, with and without the generation prompt) differs from what the layout predicts."""
+    probes = [[{"role": role, "content": content} for role, content in probe] for probe in _LAYOUT_PROBES]
+    try:
+        start = render([])
+        generation_prompt = render([], True)[len(start):]
+        if not render([], True).startswith(start):
+            return None
+        text, around = render(probes[0]), {}
+        bounds = [len(render(probes[0][:k])) for k in range(len(probes[0]) + 1)]
+        for k, message in enumerate(probes[0]):
+            piece = text[bounds[k]:bounds[k + 1]]
+            before, found, after = piece.partition(message["content"])
+            if not found or around.setdefault(message["role"], (before, after)) != (before, after):
+                return None
+        layout = TurnLayout(start, around, generation_prompt)
+        for probe in probes:
+            for k in range(len(probe) + 1):
+                placed = layout.place(probe[:k])
+                if placed is None or render(probe[:k]) != placed[0] or \
+                        render(probe[:k], True) != placed[0] + generation_prompt:
+                    return None
+        if not around["assistant"][0].startswith(generation_prompt):
+            return None
+        return layout
+    except Exception:  # a template that cannot render an empty or probe conversation: no layout
+        return None
+
+
 def assistant_spans(messages: list[dict], tokenizer, render: ChatRenderer | None = None
                     ) -> tuple[str, list[tuple[int, int]]]:
-    """Return the rendered conversation and the (start, end) character spans of every assistant turn."""
+    """Return the rendered conversation and the (start, end) character spans of every assistant turn.
+
+    A span runs from the end of the prompt rendered for messages[:i] with the generation prompt to the end of
+    the render of messages[:i+1]; the renderer's layout gives the same spans from one render (TurnLayout).
+    """
     render = render or ChatRenderer(tokenizer)
     text = render(messages)
+    layout = render.layout
+    placed = layout.place(messages) if layout is not None else None
+    if placed is not None and placed[0] == text:
+        prompt, bounds = len(layout.generation_prompt), placed[1]
+        return text, [(bounds[i] + prompt, bounds[i + 1]) for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = []
     last = len(messages) - 1
     for i, message in enumerate(messages):

@@ -194,3 +194,46 @@ def test_fast_labels_equal_the_reference_rule_for_spans_anywhere(tokenizer):
             assert span_labels(encoding, ids, spans).tolist() == expected, (text, spans)
             checked += 1
     assert checked == 800
+
+
+def exact_spans(messages, render) -> tuple[str, list]:
+    """Spans from prefix renders alone (the renderer's layout set aside)."""
+    layout, render.layout = render.layout, None
+    try:
+        return assistant_spans(messages, None, render)
+    finally:
+        render.layout = layout
+
+
+def test_one_render_spans_equal_the_prefix_render_spans(tokenizer):
+    """The layout (one render per conversation) places every assistant turn where prefix renders do."""
+    render = ChatRenderer(tokenizer)
+    assert render.layout is not None  # ChatML has one
+    for messages in real_conversations() + AWKWARD + [MULTI_TURN]:
+        assert assistant_spans(messages, None, render) == exact_spans(messages, render)
+
+
+# A template that adds a default system prompt when the conversation has none (as Qwen 2.5's does), and one
+# that trims contents (as Llama 3's does): neither renders every message the same way everywhere.
+DEFAULT_SYSTEM = ("{% if messages and messages[0]['role'] != 'system' %}<s>sys: Be helpful.</s>{% endif %}"
+                  "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+TRIMMING = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] | trim }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+@pytest.mark.parametrize("template", [DEFAULT_SYSTEM, TRIMMING])
+def test_templates_without_one_layout_get_the_prefix_render_spans(template):
+    render = ChatRenderer.direct(template, {})
+    if template is DEFAULT_SYSTEM:
+        assert render.layout is None  # the probes without a system message show the injected one
+    else:
+        assert render.layout is not None  # padded contents render otherwise: those conversations fall back
+    conversations = AWKWARD + [MULTI_TURN, MULTI_TURN[1:], [{"role": "user", "content": "  padded  "},
+                                                            {"role": "assistant", "content": " x "}]]
+    for messages in conversations:
+        try:
+            expected = exact_spans(messages, render)
+        except TokenizeError:
+            continue
+        assert assistant_spans(messages, None, render) == expected
