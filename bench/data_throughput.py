@@ -271,6 +271,16 @@ def run_child(files: list[Path], args, tokenizer: str, pipeline: str) -> dict:
     return result
 
 
+def bracketed(files: list[Path], args, tokenizer: str) -> tuple[dict, dict]:
+    """(baseline, tokenize-only prepare) on `files`, the baseline's seconds the mean of a run before the prepare
+    and one after: this machine's speed drifts by a fifth from minute to minute, and the mean follows it."""
+    before = baseline(files, tokenizer)
+    prepared = run_child(files, args, tokenizer, "tokenize")
+    after = baseline(files, tokenizer)
+    return {**before, "seconds": (before["seconds"] + after["seconds"]) / 2,
+            "both": (before["seconds"], after["seconds"])}, prepared
+
+
 def peak_parts(result: dict) -> str:
     parts = sorted(result["peak_by_process"].items(), key=lambda kv: -kv[1])
     return ", ".join(f"{kind} {used / 2**20:,.0f}" for kind, used in parts if used >= 2**25)
@@ -293,16 +303,12 @@ def main() -> None:
     print(f"writing corpora under {workdir} ...", flush=True)
     small, large = write_corpora(workdir, args.mb)
     tokenizer = tokenizer_dir(workdir)
-    print("tokenizer baseline N ...", flush=True)
-    base = baseline(small, tokenizer)
-    print("prepare N, tokenize only ...", flush=True)
-    t = run_child(small, args, tokenizer, "tokenize")
+    print("prepare N, tokenize only, between two tokenizer baselines ...", flush=True)
+    base, t = bracketed(small, args, tokenizer)
     # 4N as well: at N a run's fixed costs (Ray jobs starting, workers importing, the tokenizer's parts loaded,
     # the report drawn) are a large share; at 4N the ratio is closer to the pipeline's steady throughput.
-    print("tokenizer baseline 4N ...", flush=True)
-    base4 = baseline(large, tokenizer)
-    print("prepare 4N, tokenize only ...", flush=True)
-    t4 = run_child(large, args, tokenizer, "tokenize")
+    print("prepare 4N, tokenize only, between two tokenizer baselines ...", flush=True)
+    base4, t4 = bracketed(large, args, tokenizer)
     print("prepare N, full ...", flush=True)
     n = run_child(small, args, tokenizer, "full")
     print("prepare 4N, full ...", flush=True)
@@ -317,7 +323,8 @@ def main() -> None:
     dedup_ratio = n4["dedup_seconds"] / n["dedup_seconds"]
     rows = [
         ("corpus MB", f"{size(small):.1f}", f"{size(large):.1f}", "", ""),
-        ("tokenizer baseline seconds", f"{base['seconds']:.1f}", f"{base4['seconds']:.1f}", "", ""),
+        ("tokenizer baseline seconds (before, after)", f"{base['seconds']:.1f} ({base['both'][0]:.1f}, {base['both'][1]:.1f})",
+         f"{base4['seconds']:.1f} ({base4['both'][0]:.1f}, {base4['both'][1]:.1f})", "", "mean used"),
         ("tokenize-only prepare seconds (phase 1, phase 2)",
          f"{t['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in t['phase_seconds'])})",
          f"{t4['seconds']:.1f} ({', '.join(f'{s:.0f}' for s in t4['phase_seconds'])})", "", ""),
