@@ -289,10 +289,27 @@ def tokenizer_parts(tokenizer) -> TokenizerParts | None:
     return TokenizerParts(serialised, digest, render.template, render.variables, tokenizer.pad_token_id)
 
 
-def load_tokenizer_parts(tokenizer_path: str) -> TokenizerParts | None:
-    from transformers import AutoTokenizer
+def load_tokenizer_parts(tokenizer_path: str, hide_torch: bool = False) -> TokenizerParts | None:
+    """The TokenizerParts of the tokenizer at `tokenizer_path`.
 
-    return tokenizer_parts(AutoTokenizer.from_pretrained(tokenizer_path))
+    `hide_torch` is for a process that exits afterwards (prepare's loading task): transformers is told torch is
+    absent, so loading the tokenizer does not import torch (2-4 s of CPU and some 250 MB; tokenizers do not
+    use it), and it keeps believing so for the rest of the process. Ignored where either is imported already.
+    """
+    import os
+    import sys
+
+    hidden = hide_torch and "torch" not in sys.modules and "transformers" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # importlib.util.find_spec, which transformers asks, then reports no torch
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"  # its "PyTorch was not found" notice
+    try:
+        from transformers import AutoTokenizer
+
+        return tokenizer_parts(AutoTokenizer.from_pretrained(tokenizer_path))
+    finally:
+        if hidden:
+            del sys.modules["torch"]
 
 
 def rust_tokenizer(tokenizer):

@@ -168,6 +168,26 @@ def test_tokenizer_parts_tokenize_like_the_whole_tokenizer_without_importing_tor
         assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
 
 
+def test_parts_loaded_with_torch_hidden_equal_the_parts_of_the_whole_tokenizer(tokenizer, tmp_path):
+    """prepare loads the parts in a throwaway process that never imports torch: the same parts come out."""
+    import pickle
+    import subprocess
+    import sys
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    script = (
+        "import pickle, sys\n"
+        "from instune.data.tokenize import load_tokenizer_parts\n"
+        f"parts = load_tokenizer_parts({str(tmp_path / 'tok')!r}, hide_torch=True)\n"
+        "assert 'transformers' in sys.modules and 'torch' not in sys.modules\n"
+        f"open({str(tmp_path / 'parts.pkl')!r}, 'wb').write(pickle.dumps(parts))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    assert "PyTorch was not found" not in out.stderr + out.stdout
+    hidden = pickle.loads((tmp_path / "parts.pkl").read_bytes())
+    assert hidden is not None and hidden == tokenizer_parts(tokenizer)
+
+
 def test_no_parts_for_a_template_the_direct_render_does_not_reproduce(tokenizer, monkeypatch):
     monkeypatch.setattr(ChatRenderer, "_slow", lambda self, messages, g: "something else")
     assert tokenizer_parts(tokenizer) is None
