@@ -6,7 +6,8 @@ Writes a ShareGPT-like JSONL corpus of `--mb` megabytes (N) and one four times l
 three times as many more), with exact and near duplicates across files. Then, on the same cores:
 
   * the baseline: the run's tokenizer on the same conversations (chat template rendered first, not timed),
-    in batches of 1,000, one process using every core (the Rust tokenizer's own threads);
+    in batches of 1,000, one process using every core (the Rust tokenizer's own threads), run before and
+    after each tokenize-only prepare (the mean of the two is its time);
   * `prepare` with two configs, each run in a fresh process with its own local Ray cluster:
       - "tokenize": read, normalise, chat template, tokenize with label masks, pack, write; filters and dedup
         off. This is the pipeline doing the tokenizer's job, so its throughput ratio is the target's. Run on N
