@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,19 @@ def last_line(error) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def trial_id_of(result) -> str:
+    """The id of the trial behind a Tune result, which names its directory under the sweep's trials/.
+
+    Not simply the name of Tune's own trial directory: Tune adds "_" and four hex digits to that name when the
+    directory exists already, as it does for a trial that had started before a killed sweep was resumed.
+    """
+    reported = (result.metrics or {}).get("trial_id")
+    return reported or re.sub(r"_[0-9a-f]{4}$", "", Path(result.path).name)
+
+
 def trial_row(result, plan, param_paths: list[str]) -> dict:
     """One trial's row: status, objective, steps, values, mix weights, scores, per-set results, error."""
-    trial_id = Path(result.path).name
+    trial_id = trial_id_of(result)
     trial_dir = trial_dir_of(plan.sweep_dir, trial_id)
     final, trial = read_json(trial_dir / FINAL_FILE), read_json(trial_dir / TRIAL_FILE)
     # Tune decides what failed: a trial ASHA stops can raise on its way out (its Train run is torn down)

@@ -118,3 +118,18 @@ def test_best_config_yaml_round_trips_the_resolved_tree(tmp_path):
     written = yaml.safe_load(path.read_text())
     assert written["data"]["sources"] == tree["data"]["sources"]
     assert written["train"] | {"lr": tree["train"]["lr"]} == tree["train"]
+
+
+def test_trial_id_is_read_past_the_suffix_tune_adds_to_an_existing_directory():
+    """A trial that had started before a killed sweep was resumed runs again in "<id>_<4 hex>"; its files are
+    still under trials/<id>, where the trial itself wrote them."""
+    from ray.tune import Result
+
+    from instune.tune.report import trial_id_of
+
+    def result(path, metrics=None):
+        return Result(metrics=metrics, checkpoint=None, error=None, path=path)
+
+    assert trial_id_of(result("/out/sweep/tune/44d46_00002_e19a")) == "44d46_00002"
+    assert trial_id_of(result("/out/sweep/tune/44d46_00002")) == "44d46_00002"
+    assert trial_id_of(result("/out/sweep/tune/44d46_00002_e19a", {"trial_id": "44d46_00002"})) == "44d46_00002"
