@@ -431,8 +431,7 @@ class TokenizeAndPack:
         return rows_table(bins, self.seq_len, self.pad_token_id)
 
     def write_drops(self, batch: pa.Table, results: list) -> None:
-        import pyarrow.parquet as pq
-
+        from instune.data.rejects import write_once
         from instune.data.tokenize import TokenizeError
 
         copies = batch["copy"].to_pylist() if "copy" in batch.column_names else [0] * batch.num_rows
@@ -440,12 +439,8 @@ class TokenizeAndPack:
                    for source, record_id, copy, result in zip(batch["source"].to_pylist(), batch["id"].to_pylist(),
                                                               copies, results)
                    if isinstance(result, TokenizeError)]
-        name = hashlib.blake2b("\n".join(sorted(d[1] for d in dropped)).encode(), digest_size=16).hexdigest()
-        os.makedirs(self.drops_dir, exist_ok=True)
-        partial = os.path.join(self.drops_dir, f".{name}.{os.getpid()}.partial")
-        pq.write_table(pa.Table.from_pylist([dict(zip(DROP_SCHEMA.names, d)) for d in dropped], schema=DROP_SCHEMA),
-                       partial)
-        os.replace(partial, os.path.join(self.drops_dir, f"{name}.parquet"))
+        write_once(pa.Table.from_pylist([dict(zip(DROP_SCHEMA.names, d)) for d in dropped], schema=DROP_SCHEMA),
+                   self.drops_dir, "\n".join(sorted(d[1] for d in dropped)))
 
 
 # Records per block going into phase 2's random shuffle.

@@ -8,6 +8,7 @@ and the rejects are on disk once the kept records have been consumed downstream 
 A file is named by what it holds (every reject's source, file, record and stage), written under a hidden name
 and renamed: a retried task rewrites its own file instead of adding a copy, and no reader takes a partial
 file. The accounting (read == kept + rejected, per source) checks that nothing was lost or counted twice.
+Phase 2 writes the records it drops at tokenization the same way (`write_once`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,21 @@ from instune.data.schema import REJECT_COLUMNS
 REJECT_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 
 
+def write_once(table: pa.Table, directory: str, key: str) -> None:
+    """`table` as `directory/<digest of key>.parquet`, written under a hidden name and renamed: `key` names what
+    the table holds, so a task that runs again rewrites the same file."""
+    import pyarrow.parquet as pq
+
+    name = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    os.makedirs(directory, exist_ok=True)
+    partial = os.path.join(directory, f".{name}.{os.getpid()}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, os.path.join(directory, f"{name}.parquet"))
+
+
 def write_rejects(rows: list[dict], directory: str) -> None:
     """Reject rows (schema.make_reject) as one Parquet file in `directory`; nothing for no rows."""
     if not rows:
         return
-    import pyarrow.parquet as pq
-
     key = "\n".join(f"{r['source']}\0{r['file']}\0{r['record']}\0{r['stage']}" for r in rows)
-    name = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-    os.makedirs(directory, exist_ok=True)
-    partial = os.path.join(directory, f".{name}.{os.getpid()}.partial")
-    pq.write_table(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), partial)
-    os.replace(partial, os.path.join(directory, f"{name}.parquet"))
+    write_once(pa.Table.from_pylist(rows, schema=REJECT_SCHEMA), directory, key)
