@@ -678,7 +678,8 @@ def score_arguments(score, model_path: str | None, tokenizer_path: str, max_leng
     else:
         raise UserError("data.score.model_path: not set, and no base model was given to score with")
     return {"model_path": path, "tokenizer_path": tokenizer, "metric": score.metric, "max_length": max_length,
-            "batch_size": score.batch_size, "num_actors": score.num_actors, "min_score": score.min_score,
+            "batch_size": score.batch_size, "max_batch_tokens": score.max_batch_tokens,
+            "num_actors": score.num_actors, "min_score": score.min_score,
             "max_score": score.max_score, "top_fraction": score.top_fraction, "keep": score.keep}
 
 

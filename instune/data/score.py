@@ -72,10 +72,25 @@ def score_from_losses(metric: str, conditioned: np.ndarray, alone: np.ndarray | 
     return scores
 
 
+def length_batches(lengths: list[int], max_examples: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped shortest first: at most `max_examples` per group and at most `max_tokens` once padded
+    to the group's longest (one over-long example still gets a group of its own). The token cap bounds the
+    logits a forward pass holds (tokens x vocabulary floats); the example cap lets short ones share a pass."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        group = groups[-1] if groups else None
+        if group is None or len(group) == max_examples or (len(group) + 1) * lengths[i] > max_tokens:
+            groups.append([i])
+        else:
+            group.append(i)
+    return groups
+
+
 class ReferenceScorer:
     """Ray Data actor: holds a reference model; adds a `_score` column and puts the scores in `metadata`."""
 
-    def __init__(self, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int):
+    def __init__(self, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
+                 max_batch_tokens: int = 16384):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,14 +98,13 @@ class ReferenceScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path).to(self.device).eval()
         self.metric, self.max_length, self.batch_size = metric, max_length, batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def losses(self, examples: list[Tokenized]) -> list[np.ndarray]:
-        """Answer-token losses per example, in `batch_size` forward passes of examples of similar length."""
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        """Answer-token losses per example, in forward passes of examples of similar length."""
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(examples)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        for chunk in length_batches([len(e.input_ids) for e in examples], self.batch_size, self.max_batch_tokens):
             for i, losses in zip(chunk, answer_token_losses(self.model, [examples[i] for i in chunk],
                                                              self.pad_id, self.device)):
                 out[i] = losses
@@ -186,7 +200,7 @@ def scores_by_source(scored) -> dict[str, np.ndarray]:
 
 
 def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
-                  num_actors: int, num_gpus: float, min_score: float | None, max_score: float | None,
+                  max_batch_tokens: int, num_actors: int, num_gpus: float, min_score: float | None, max_score: float | None,
                   top_fraction: float | None, keep: str | None, work_dir: str | None = None,
                   quarantine: str | None = None):
     """(kept records with scores in their metadata, reject rows); the scored records are computed once
@@ -197,7 +211,8 @@ def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_
     scored = persist(ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"model_path": model_path, "tokenizer_path": tokenizer_path, "metric": metric,
-                               "max_length": max_length, "batch_size": batch_size},
+                               "max_length": max_length, "batch_size": batch_size,
+                               "max_batch_tokens": max_batch_tokens},
         batch_size=max(batch_size * 8, 64), batch_format="pyarrow", concurrency=num_actors, num_gpus=num_gpus,
     ), work_dir)
     highest = best_is_highest(metric, keep)

@@ -6,7 +6,7 @@ session (Ray Train merges the workers' directories in storage; FileSession copie
   trainable.safetensors   rank 0: the method's weights, whole (gathered under ZeRO-3), by parameter name
   method.json             rank 0: MethodSettings, so export can rebuild the same model from the base
   trainer_state.json      rank 0: optimizer step, micro-batches consumed (the data position), world size
-  rng/rank-NNNNN.json     each rank: its Python, NumPy and torch RNG states (plain JSON: nothing to unpickle)
+  rng/rank-NNNNN.json     each rank: its Python, NumPy, torch (and CUDA) RNG states (plain JSON: nothing to unpickle)
   engine.pt | deepspeed/  the engine's optimizer and scheduler state (DeepSpeed: one shard per rank)
 """
 
@@ -35,9 +35,13 @@ def rng_file(directory: Path, rank: int) -> Path:
 def rng_state() -> dict:
     version, python_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
-    return {"python": [version, list(python_state), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gauss)],
-            "torch": torch.get_rng_state().tolist()}
+    state = {"python": [version, list(python_state), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gauss)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout on a GPU draws from the current device's generator, not the CPU one.
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(saved: dict) -> None:
@@ -46,6 +50,8 @@ def set_rng_state(saved: dict) -> None:
     kind, keys, pos, has_gauss, cached_gauss = saved["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gauss))
     torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8))
 
 
 def save_checkpoint(directory: Path, engine, method: MethodSettings, *, step: int, micro_batches_done: int,

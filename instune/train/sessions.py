@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
@@ -17,6 +18,17 @@ COLUMNS = ("input_ids", "labels", "position_ids")
 def to_tensors(batch: dict) -> dict:
     return {k: torch.as_tensor(np.stack(batch[k]) if batch[k].dtype == object else batch[k], dtype=torch.long)
             for k in COLUMNS}
+
+
+def rows_tensor(column) -> torch.Tensor:
+    """A list<int> column as a (rows, length) tensor. Packed and padded rows all have one length, so the
+    values reshape straight from Arrow's buffer; Python lists would cost ~9 ms per 8 x 2048 batch."""
+    values = column.combine_chunks()
+    flat = values.flatten().to_numpy()
+    if len(values) and len(flat) % len(values) == 0 and \
+            pc.all(pc.equal(pc.list_value_length(values), len(flat) // len(values))).as_py():
+        return torch.tensor(flat.reshape(len(values), -1), dtype=torch.long)
+    return torch.tensor(values.to_pylist(), dtype=torch.long)  # ragged rows: torch reports the mismatch
 
 
 class RaySession:
@@ -95,8 +107,8 @@ class FileSession:
         mine = rows[self.world_rank * per_rank:(self.world_rank + 1) * per_rank]
         full = len(mine) // batch_size * batch_size if name == "train" else len(mine)
         for start in range(0, full, batch_size):
-            chunk = table.take(mine[start:start + batch_size]).to_pydict()
-            yield {k: torch.tensor(chunk[k], dtype=torch.long) for k in COLUMNS}
+            chunk = table.take(mine[start:start + batch_size])
+            yield {k: rows_tensor(chunk[k]) for k in COLUMNS}
 
     def _barrier(self) -> None:
         import torch.distributed as dist

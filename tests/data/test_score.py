@@ -18,6 +18,7 @@ from instune.data.score import (
     ReferenceScorer,
     answer_only,
     best_is_highest,
+    length_batches,
     score_from_losses,
     score_reason,
     top_cutoffs,
@@ -130,3 +131,22 @@ def test_perplexity_scorer_skips_the_second_pass(model_dir):
     expected = expected_scores(scorer.model, scorer.tokenizer, CONVERSATIONS[0])[1]
     assert out[SCORE_COLUMN][0].as_py() == pytest.approx(expected, rel=1e-4)
     assert set(json.loads(out["metadata"][0].as_py())) == {"perplexity"}
+
+
+def test_length_batches_cap_examples_and_padded_tokens():
+    lengths = [50, 10, 12, 400, 11, 30, 31, 900]
+    groups = length_batches(lengths, max_examples=3, max_tokens=100)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each example once
+    assert groups == [[1, 4, 2], [5, 6], [0], [3], [7]]  # shortest first; 3 x 50 > 100; alone when too long
+    for group in groups:
+        assert len(group) <= 3
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 100
+
+
+def test_scores_do_not_depend_on_how_examples_are_batched(model_dir):
+    messages_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    batch = pa.table({"source": ["s"] * 3, "messages": pa.array(CONVERSATIONS[:3], messages_type),
+                      "metadata": [""] * 3})
+    together = ReferenceScorer(model_dir, model_dir, "ifd", max_length=64, batch_size=64)(batch)
+    one_by_one = ReferenceScorer(model_dir, model_dir, "ifd", max_length=64, batch_size=64, max_batch_tokens=1)(batch)
+    assert together[SCORE_COLUMN].to_pylist() == pytest.approx(one_by_one[SCORE_COLUMN].to_pylist(), abs=1e-5)
