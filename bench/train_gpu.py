@@ -112,7 +112,8 @@ def steady(metrics: list[dict]) -> dict:
     mean = lambda key: float(np.mean([m[key] for m in windows if key in m])) if windows else float("nan")
     return {"tokens_per_s": mean("tokens_per_second"), "target_tokens_per_s": mean("target_tokens_per_second"),
             "mfu": mean("mfu"), "peak_memory_gib": max((m["peak_memory_mb"] for m in metrics), default=0) / 1024,
-            "first_loss": metrics[0]["loss"] if metrics else None, "last_loss": metrics[-1]["loss"] if metrics else None,
+            "first_loss": metrics[0]["loss"] if metrics else None,
+            "last_loss": metrics[-1]["loss"] if metrics else None,
             "loop_s": metrics[-1]["elapsed_s"] if metrics else None,
             "total_params": metrics[0]["total_params"] if metrics else None,
             "trainable_params": metrics[0]["trainable_params"] if metrics else None}

@@ -200,8 +200,8 @@ def scores_by_source(scored) -> dict[str, np.ndarray]:
 
 
 def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
-                  max_batch_tokens: int, num_actors: int, num_gpus: float, min_score: float | None, max_score: float | None,
-                  top_fraction: float | None, keep: str | None, work_dir: str | None = None,
+                  max_batch_tokens: int, num_actors: int, num_gpus: float, min_score: float | None,
+                  max_score: float | None, top_fraction: float | None, keep: str | None, work_dir: str | None = None,
                   quarantine: str | None = None):
     """(kept records with scores in their metadata, reject rows); the scored records are computed once
     (written to `work_dir`, see raydata.persist). With a `quarantine` directory the rejects are written there
