@@ -63,8 +63,9 @@ ZERO_2 = dict(strategy="deepspeed", zero_stage=2)
 
 
 def train(settings, rows, storage, **kw):
-    datasets = {"train": ray.data.read_parquet(str(rows / "train")),
-                "validation": ray.data.read_parquet(str(rows / "validation"))}
+    # As `instune train` reads small prepared splits (stages.read_split): in the object store.
+    datasets = {"train": ray.data.read_parquet(str(rows / "train")).materialize(),
+                "validation": ray.data.read_parquet(str(rows / "validation")).materialize()}
     return run_ray_training(settings, datasets, num_workers=2, use_gpu=False, cpus_per_worker=1,
                             gpus_per_worker=0, placement_strategy="PACK", storage_dir=storage, run_name="run",
                             keep_checkpoints=2, **kw)

@@ -66,6 +66,20 @@ def uses_cpu_adam(config: dict) -> bool:
     return offloaded and config.get("zero_force_ds_cpu_optimizer", True)
 
 
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce op when its comm backend starts on a CPU.
+
+    DeepSpeed reads `deepspeed.ops.__compatible_ops__` only to decide whether to build that op, which serves
+    its inference all-reduce; training reduces through torch.distributed. Left alone, every worker probes
+    all ops with compiler runs and then builds or reloads the op's C++: 40 s on 2 cores in a fresh
+    environment, seconds per worker start after that. An empty table says the op is unavailable.
+    """
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
+
+
 class DeepSpeedEngine:
     """Holds the DeepSpeed engine (`.model`) around the unwrapped model (`.module`)."""
 
@@ -75,6 +89,7 @@ class DeepSpeedEngine:
         from instune.train.strategies.deepspeed_load import use_weights_only_loading
 
         assert dist.is_initialized(), "DeepSpeed needs torch.distributed initialised (Ray Train or torchrun)"
+        skip_shared_memory_allreduce()
         self.module = model
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
