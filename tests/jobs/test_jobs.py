@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -13,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import yaml
@@ -181,11 +183,17 @@ def loopback_head(tmp_path, free_port):
             time.sleep(2)
         yield address, env
     finally:
+        # Once a driver has connected, `ray start --block` takes 30 s to exit on SIGTERM (measured, with or
+        # without its processes still running). Its processes are all its descendants: end them, then it.
+        for process in psutil.Process(head.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             head.kill()
+            head.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
