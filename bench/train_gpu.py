@@ -16,6 +16,11 @@ output. Configurations:
   lora-zero3-resume  LoRA under ZeRO-3 with dropout 0.1: the last rank dies at step 8, the run is started
                 again on the same output and resumes from step 5's checkpoint; the losses of steps 6-7 must
                 match the first attempt's (weights, optimizer, data position and CUDA RNG restored)
+  lora-ddp-flex, full-ddp-flex  the DDP runs again with attn_implementation flex_attention
+
+Measured on one H200 (torch 2.11, DeepSpeed 0.19.8), tokens/s / MFU / peak GiB: lora-ddp 37,957 / 17.2% / 44.0;
+full-zero3 36,824 / 24.6% / 56.5; full-ddp 39,301 / 26.2% / 60.4; full-zero2 38,211 / 25.5% / 53.6;
+lora-ddp-flex 43,130 / 19.5% / 40.2; full-ddp-flex 45,160 / 30.1% / 56.6; resume: steps 6-7 equal.
 
 Steady tokens/s and MFU are the means of the loop's own windows after the first (which holds warm-up);
 wall s is the whole process: start-up, model load, steps and the final checkpoint. MFU counts 6N FLOPs per
