@@ -9,6 +9,7 @@ What cannot work, and why:
   attend to each other. Padded rows (`data.pack: false`) are exact.
 - BitFit on a model with no bias terms (Llama-style models have none): nothing would train.
 - float16 under DDP: it needs loss scaling, which only the DeepSpeed strategy does here; bfloat16 does not.
+- flex_attention without a GPU: PyTorch's flex attention has no backward pass on the CPU.
 - Raw `strategy.deepspeed` keys that pick another DeepSpeed checkpoint engine (the fast or decoupled writers,
   DataStates) or universal checkpoints: resuming reads DeepSpeed's files through its torch engine with the
   weights-only unpickler (strategies/deepspeed_load.py); universal checkpoints load with full pickle, and the
@@ -62,6 +63,9 @@ def check_training_plan(settings, packed: bool | None) -> None:
     if settings.dtype == "float16" and settings.strategy == "ddp":
         raise UserError("model.dtype: float16 needs loss scaling, which the ddp strategy does not do; "
                         "use bfloat16 or strategy.name: deepspeed")
+    if settings.attn_implementation == "flex_attention" and not settings.use_gpu:
+        raise UserError("model.attn_implementation: flex_attention cannot train on the CPU (PyTorch has no "
+                        "backward pass for it there); use sdpa, or scaling.use_gpu: true")
     if settings.strategy == "deepspeed":
         check_deepspeed_checkpointing(settings.deepspeed)
 

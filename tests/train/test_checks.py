@@ -57,6 +57,12 @@ def test_float16_needs_deepspeed(tiny_model):
     check_training_plan(settings_for(tiny_model, dtype="float16", strategy="deepspeed"), packed=True)
 
 
+def test_flex_attention_needs_a_gpu(tiny_model):
+    assert refused(settings_for(tiny_model, attn_implementation="flex_attention")).startswith(
+        "model.attn_implementation: flex_attention cannot train on the CPU")
+    check_training_plan(settings_for(tiny_model, attn_implementation="flex_attention", use_gpu=True), packed=True)
+
+
 def test_deepspeed_checkpoint_engines_that_load_outside_the_weights_only_reader_are_refused(tiny_model):
     writer = refused(settings_for(tiny_model, strategy="deepspeed",
                                   deepspeed={"checkpoint": {"writer": {"type": "fast"}, "load_universal": True}}))

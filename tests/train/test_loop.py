@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from instune.train.loop import LoopSettings, run_training, warmup_cosine
 from instune.train.methods import MethodSettings
-from instune.train.sessions import FileSession
+from instune.train.sessions import FileSession, rows_tensor
 
 STEP_1 = "checkpoints/step-00000001/trainable.safetensors"
 
@@ -21,6 +21,22 @@ def test_warmup_then_cosine_to_zero():
     assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert factor(55) == pytest.approx(0.5)
     assert factor(100) == pytest.approx(0.0)
+
+
+def test_file_session_batches_are_the_rows_of_the_file(packed_rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(packed_rows, columns=["input_ids", "labels", "position_ids"])
+    session = FileSession({"validation": [str(p) for p in packed_rows.glob("*.parquet")]}, str(packed_rows.parent))
+    batches = list(session.batches("validation", 5, 0))  # in file order, the last batch short
+    for name in ("input_ids", "labels", "position_ids"):
+        assert torch.cat([b[name] for b in batches]).tolist() == table[name].to_pylist()
+    # Chunked and sliced columns (what take() returns) keep their rows; ragged rows go through lists.
+    chunked = pa.chunked_array([pa.array([[9, 9], [1, 2], [3, 4]]).slice(1), pa.array([[5, 6]])])
+    assert rows_tensor(chunked).tolist() == [[1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError):
+        rows_tensor(pa.chunked_array([pa.array([[1, 2], [3]])]))
 
 
 def test_a_seeded_run_repeats_exactly_and_another_seed_does_not(tiny_model, packed_rows, tmp_path):
