@@ -55,7 +55,8 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # flex_attention takes packed rows' block-diagonal mask in its fused kernel, where SDPA falls back to a
     # slower masked one: +14% tokens/s (LoRA) and +15% (full) on a 1.1B Llama on an H200, the same losses
-    # (bench/train_gpu.py); it compiles on the first steps, so short runs and CPUs gain little.
+    # (bench/train_gpu.py). It needs a GPU (PyTorch has no backward for it on the CPU) and compiles on the
+    # first steps, so short runs gain little.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -222,9 +223,10 @@ class ScoreConfig(Strict):
     top_fraction: float | None = Field(None, gt=0, le=1)
     # Which end is best for top_fraction; unset means highest IFD (hardest, as in the paper), lowest perplexity.
     keep: Literal["highest", "lowest"] | None = None
-    # Conversations per forward pass, shortest together, and at most max_batch_tokens once padded (which
-    # bounds the logits, tokens x vocabulary floats). On an H200 a 1.1B reference scored 4x the records/s
-    # at 128 per pass as at 32 (bench/score_gpu.py).
+    # Conversations per forward pass, shortest together, and at most max_batch_tokens once padded, which
+    # bounds the activations and logits of a pass. Small passes leave a GPU idle: a 1.1B reference on an
+    # H200 scored 199 records/s at 32 per pass and 773 at 128 (bench/score_gpu.py). The default sits between
+    # the two; raise both on a large GPU.
     batch_size: int = Field(64, gt=0)
     max_batch_tokens: int = Field(16384, gt=0)
     # Ray Data actors, each holding one copy of the model (one GPU each when the cluster has GPUs).

@@ -50,13 +50,14 @@ def answer_token_losses(model, examples: list[Tokenized], pad_id: int, device) -
         input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         attention_mask[row, : len(e.input_ids)] = 1
+    targets = labels[:, 1:].to(device)
+    scored = targets != IGNORE_INDEX
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       use_cache=False).logits.float()
-    targets = labels[:, 1:].to(device)
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    losses, targets = losses.cpu().numpy(), targets.cpu().numpy()
-    return [losses[row][targets[row] != IGNORE_INDEX] for row in range(len(examples))]
+                       use_cache=False).logits
+        # Only the answer positions are upcast: a float copy of every position's logits is tokens x vocabulary.
+        losses = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+    return [part.numpy() for part in losses.cpu().split(scored.sum(dim=1).tolist())]
 
 
 def score_from_losses(metric: str, conditioned: np.ndarray, alone: np.ndarray | None = None) -> dict:
@@ -90,7 +91,7 @@ class ReferenceScorer:
     """Ray Data actor: holds a reference model; adds a `_score` column and puts the scores in `metadata`."""
 
     def __init__(self, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
-                 max_batch_tokens: int = 16384):
+                 max_batch_tokens: int):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

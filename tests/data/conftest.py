@@ -1,4 +1,4 @@
-"""A local Ray cluster for the data tests, one per test module."""
+"""A local Ray cluster for the data tests, one for the whole tests/data package."""
 
 from __future__ import annotations
 

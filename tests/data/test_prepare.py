@@ -134,12 +134,19 @@ def model_dir(tmp_path_factory):
     return str(directory)
 
 
-def test_missing_source_path_fails_before_ray_starts(tmp_path, model_dir):
-    was_running = ray.is_initialized()
+def test_missing_source_path_fails_before_ray_starts(tmp_path, model_dir, monkeypatch):
+    import instune.data.prepare as prepare_module
+
+    def ray_work(*args, **kwargs):
+        raise AssertionError("Ray work started before the sources were checked")
+
+    # The first two things prepare hands to Ray (the data tests share one running cluster, so whether Ray
+    # is up says nothing here).
+    monkeypatch.setattr(prepare_module, "start_loading_tokenizer_parts", ray_work)
+    monkeypatch.setattr(prepare_module, "filter_and_split", ray_work)
     config = make_config(tmp_path, [{"name": "gone", "path": str(tmp_path / "nowhere.jsonl")}])
     with pytest.raises(UserError, match=r"source 'gone': path .*nowhere.jsonl does not exist"):
         prepare(config, model_dir, tmp_path / "data")
-    assert ray.is_initialized() == was_running
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob(".data*"))
 
 

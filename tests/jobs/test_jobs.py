@@ -185,9 +185,10 @@ def loopback_head(tmp_path, free_port):
     finally:
         # Once a driver has connected, `ray start --block` takes 30 s to exit on SIGTERM (measured, with or
         # without its processes still running). Its processes are all its descendants: end them, then it.
-        for process in psutil.Process(head.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # the head may have died already
+            for process in psutil.Process(head.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
         head.send_signal(signal.SIGTERM)
         try:
             head.wait(timeout=5)
