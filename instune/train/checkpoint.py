@@ -1,7 +1,7 @@
 """What a training checkpoint holds and how a worker writes and reads it.
 
 One directory per checkpoint, written by every worker into its own temporary directory and merged by the
-session (Ray Train merges the workers' directories in storage; FileSession copies them into one and renames):
+session (Ray Train merges the workers' directories in storage; FileSession moves their files into one and renames it):
 
   trainable.safetensors   rank 0: the method's weights, whole (gathered under ZeRO-3), by parameter name
   method.json             rank 0: MethodSettings, so export can rebuild the same model from the base

@@ -31,6 +31,7 @@ from instune.train import lisa
 from instune.train.checkpoint import load_checkpoint, save_checkpoint
 from instune.train.methods import PEFT_METHODS, MethodSettings, add_head_dropout, apply_method, count_parameters
 from instune.train.metrics import flops_per_token, peak_flops, peak_memory_bytes
+from instune.train.sessions import CHECKPOINT_SCRATCH_PREFIX
 
 # Fault injection for the resume tests: a file holding a step number; the last rank deletes it and dies
 # when it reaches that step, once. Unset in real runs.
@@ -332,7 +333,7 @@ def run_training(settings: LoopSettings, session) -> None:
                 metrics[f"eval_loss/{name}"] = evaluate_loss(engine.module, session, settings.micro_batch_size,
                                                              device, autocast, name)
         if save:
-            with tempfile.TemporaryDirectory(prefix="instune-ckpt-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=CHECKPOINT_SCRATCH_PREFIX, dir=session.scratch_dir) as tmp:
                 save_checkpoint(Path(tmp), engine, settings.method, step=step, micro_batches_done=micro_done,
                                 rank=rank, world_size=world)
                 session.report(metrics, Path(tmp))

@@ -39,6 +39,21 @@ def test_file_session_batches_are_the_rows_of_the_file(packed_rows):
         rows_tensor(pa.chunked_array([pa.array([[1, 2], [3]])]))
 
 
+def test_file_session_moves_checkpoint_parts_and_clears_parts_a_dead_worker_left(tmp_path):
+    stale = tmp_path / "out" / "checkpoints" / "instune-ckpt-dead"
+    stale.mkdir(parents=True)
+    (stale / "trainable.safetensors").write_text("half")
+    session = FileSession({}, str(tmp_path / "out"))
+    assert not stale.exists()
+    part = session.scratch_dir / "instune-ckpt-live"
+    (part / "rng").mkdir(parents=True)
+    (part / "rng" / "rank-00000.json").write_text("{}")
+    session.report({"step": 3}, part)
+    assert sorted(p.name for p in session.scratch_dir.iterdir()) == ["instune-ckpt-live", "step-00000003"]
+    assert (session.scratch_dir / "step-00000003" / "rng" / "rank-00000.json").read_text() == "{}"
+    assert not any(p.is_file() for p in part.rglob("*"))  # moved, not copied
+
+
 def test_a_seeded_run_repeats_exactly_and_another_seed_does_not(tiny_model, packed_rows, tmp_path):
     def losses(name, seed):
         settings = LoopSettings(model_path=str(tiny_model), total_steps=4, micro_batch_size=4, log_every=1,
