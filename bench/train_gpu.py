@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -58,43 +57,35 @@ def build_model(directory: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from instune.atomic import atomic_dir
+
     if (directory / "config.json").is_file():
         return directory
     config = LlamaConfig(**MODEL, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    os.replace(tmp, directory)
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
     return directory
 
 
 def write_rows(directory: Path, rows_needed: int, seq_len: int, seed: int = 0) -> Path:
-    """Packed rows (input_ids, labels, position_ids) of lognormal-length examples, prompt tokens ignored."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Packed rows (input_ids, labels, position_ids) of lognormal-length examples, prompt tokens ignored,
+    built as bench/train_throughput.py builds its rows."""
+    from train_throughput import examples_of, lognormal_lengths
+    from train_throughput import write_rows as write_parquet
 
     from instune.data.pack import pack
-    from instune.data.tokenize import IGNORE_INDEX
 
     rng = np.random.default_rng(seed)
     rows: list[dict] = []
     while len(rows) < rows_needed:
-        examples = []
-        for _ in range(4 * rows_needed * seq_len // 150):
-            prompt = int(math.exp(rng.normal(4.0, 0.8))) + 6
-            response = int(math.exp(rng.normal(4.5, 0.9))) + 2
-            ids = rng.integers(3, MODEL["vocab_size"], size=prompt + response).tolist()[:seq_len]
-            labels = ([IGNORE_INDEX] * prompt + ids[prompt:])[:len(ids)]
-            if any(label != IGNORE_INDEX for label in labels[1:]):
-                examples.append((ids, labels))
-        rows += pack(examples, seq_len, pad_id=0)
-    directory.mkdir(parents=True, exist_ok=True)
-    columns = ("input_ids", "labels", "position_ids")
-    pq.write_table(pa.table({c: [r[c] for r in rows[:rows_needed]] for c in columns}), directory / "part-0.parquet")
-    return directory
+        # The +6 and +2 stand for the chat template's tokens around a prompt and after a response.
+        lengths = [(p + 6, r + 2) for p, r in lognormal_lengths(4 * rows_needed * seq_len // 150, rng)]
+        rows += pack(examples_of(lengths, seq_len, MODEL["vocab_size"], pad_id=0, seed=seed + len(rows)),
+                     seq_len, pad_id=0)
+    return write_parquet(rows[:rows_needed], directory)
 
 
 def run_loop(settings, rows: Path, output: Path, env: dict | None = None) -> dict:

@@ -63,6 +63,11 @@ def real_lengths(tokenizer) -> list[tuple[int, int]]:
     return [(len(tokenizer(p)["input_ids"]) + 6, len(tokenizer(r)["input_ids"]) + 2) for p, r in pairs]
 
 
+def lognormal_lengths(count: int, rng) -> list[tuple[int, int]]:
+    """(prompt, response) token counts drawn from a lognormal fit of instruction data (medians ~55 and ~90)."""
+    return [(int(math.exp(rng.normal(4.0, 0.8))), int(math.exp(rng.normal(4.5, 0.9)))) for _ in range(count)]
+
+
 def examples_of(lengths, seq_len: int, vocab: int, pad_id: int, seed: int):
     """(input_ids, labels) with the given lengths, cut to seq_len; ids avoid the pad token."""
     from instune.data.tokenize import IGNORE_INDEX
@@ -187,7 +192,7 @@ def main() -> None:
     source = f"{len(lengths)} real examples (../shared/data)"
     if not lengths:
         rng = np.random.default_rng(0)
-        lengths = [(int(math.exp(rng.normal(4.0, 0.8))), int(math.exp(rng.normal(4.5, 0.9)))) for _ in range(600)]
+        lengths = lognormal_lengths(600, rng)
         source = "600 lognormal examples (../shared/data missing)"
     pad_id = tokenizer.pad_token_id
     examples = examples_of(lengths, args.seq_len, len(tokenizer), pad_id, seed=0)
