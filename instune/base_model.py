@@ -1,4 +1,5 @@
-"""Where the base model comes from: the user's HF model directory, or the embedded default built locally."""
+"""Where the base model comes from: the user's model (a directory, a Hub id or a bucket path; see
+model_source.py), or the embedded default built locally."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ def tokenizer_training_texts(per_domain: int = 400, seed: int = 1234) -> list[st
 
 
 def check_model_dir(path: str, field: str = "model.path") -> Path:
-    """A local HF model directory (config.json plus weights), or a UserError naming the field."""
-    p = Path(path).expanduser()
+    """The local HF model directory (config.json plus weights) holding the model `path` names (fetched from
+    the Hub or a bucket first, see model_source.py), or a UserError naming the field."""
+    from instune.model_source import local_model_dir
+
+    p = Path(local_model_dir(path, field)).expanduser()
     if not p.is_dir():
         raise UserError(f"{field}: {path} is not a directory (expected a Hugging Face model directory)")
     if not (p / "config.json").is_file():
@@ -34,13 +38,24 @@ def check_model_dir(path: str, field: str = "model.path") -> Path:
 
 
 def resolve_base_model(model_config, output_dir: str | Path) -> tuple[str, str]:
-    """(model path, tokenizer path), building the embedded default under `output_dir/base_model` if unset."""
+    """(model source, tokenizer source), building the embedded default under `output_dir/base_model` if unset.
+
+    A local directory comes back resolved; a Hub id or a bucket URI comes back as it is, after this node has
+    fetched and checked it: workers on other nodes fetch it from the same source (model_source.py).
+    """
+    from instune.model_source import is_remote, local_model_dir
+
     if model_config.path:
         model = check_model_dir(model_config.path)
-        tokenizer = Path(model_config.tokenizer_path).expanduser() if model_config.tokenizer_path else model
+        model_source = model_config.path if is_remote(model_config.path) else str(model)
+        if not model_config.tokenizer_path:
+            return model_source, model_source
+        tokenizer = Path(local_model_dir(model_config.tokenizer_path, "model.tokenizer_path")).expanduser()
         if not tokenizer.is_dir():
             raise UserError(f"model.tokenizer_path: {tokenizer} is not a directory")
-        return str(model), str(tokenizer.resolve())
+        tokenizer_source = model_config.tokenizer_path if is_remote(model_config.tokenizer_path) \
+            else str(tokenizer.resolve())
+        return model_source, tokenizer_source
     from instune.default.model import ensure_embedded_model
 
     e = model_config.embedded

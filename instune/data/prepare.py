@@ -405,8 +405,9 @@ class TokenizeAndPack:
             from transformers import AutoTokenizer
 
             from instune.data.tokenize import ChatRenderer, rust_tokenizer
+            from instune.model_source import local_model_dir
 
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
             self.pad_token_id = self.tokenizer.pad_token_id
             self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
@@ -651,7 +652,9 @@ def token_counter(tokenizer_path: str, filters):
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    from instune.model_source import local_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -667,12 +670,14 @@ def score_arguments(score, model_path: str | None, tokenizer_path: str, max_leng
     """Keyword arguments of `score.score_dataset` from `data.score`; the model defaults to the run's base model."""
     if score.model_path:
         from instune.base_model import check_model_dir
+        from instune.model_source import is_remote
 
-        path = str(check_model_dir(score.model_path, "data.score.model_path"))
-        if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        local = check_model_dir(score.model_path, "data.score.model_path")
+        if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise UserError(f"data.score.model_path: {score.model_path} has no tokenizer files "
                             "(tokenizer.json or tokenizer_config.json)")
-        tokenizer = path
+        # A Hub id or bucket URI goes to the scoring actors as it is: each node fetches it (model_source.py).
+        path = tokenizer = score.model_path if is_remote(score.model_path) else str(local)
     elif model_path:
         path, tokenizer = model_path, tokenizer_path
     else:

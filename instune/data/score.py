@@ -96,8 +96,10 @@ class ReferenceScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path).to(self.device).eval()
+        from instune.model_source import local_model_dir
+
+        self.tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
+        self.model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_path)).to(self.device).eval()
         self.metric, self.max_length, self.batch_size = metric, max_length, batch_size
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -306,7 +306,9 @@ def load_tokenizer_parts(tokenizer_path: str, hide_torch: bool = False) -> Token
     try:
         from transformers import AutoTokenizer
 
-        return tokenizer_parts(AutoTokenizer.from_pretrained(tokenizer_path))
+        from instune.model_source import local_model_dir
+
+        return tokenizer_parts(AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path)))
     finally:
         if hidden:
             del sys.modules["torch"]

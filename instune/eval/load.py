@@ -1,4 +1,7 @@
-"""Open the model to evaluate: a full Hugging Face model directory, or a PEFT adapter on its base model."""
+"""Open the model to evaluate: a full Hugging Face model directory, or a PEFT adapter on its base model.
+
+Either may be a local directory, a Hub id or a bucket URI (model_source.py); the source travels to the eval
+actors as it is, and each fetches it into its node's cache."""
 
 from __future__ import annotations
 
@@ -6,42 +9,45 @@ import json
 from pathlib import Path
 
 from instune.errors import UserError
+from instune.model_source import is_remote, local_model_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+def is_adapter_dir(path: str | Path, field: str = "--model") -> bool:
+    return (Path(local_model_dir(path, field)) / ADAPTER_CONFIG).is_file()
 
 
 def adapter_base_path(adapter_dir: str | Path, base_model_path: str | None, field: str = "--model") -> str:
     """The base model an adapter applies to: `base_model_path` if given, else the one its config names."""
     if base_model_path:
         return base_model_path
-    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    config_file = Path(local_model_dir(adapter_dir, field)) / ADAPTER_CONFIG
     try:
         named = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as e:
         raise UserError(f"{field}: {config_file} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not named or not Path(named).is_dir():
-        raise UserError(f"{field}: {config_file} names base model {named!r}, which is not a local directory; "
-                        "set model.path to the base model")
+    if not named or not (Path(named).is_dir() or is_remote(named)):
+        raise UserError(f"{field}: {config_file} names base model {named!r}, which is not a local directory, "
+                        "Hub id or bucket; set model.path to the base model")
     return named
 
 
 def check_eval_model(path: str, base_model_path: str | None, field: str = "--model") -> str:
-    """Check before Ray starts that `path` is a model or adapter directory we can open; return it resolved."""
+    """Check before Ray starts that `path` is a model or adapter we can open (fetching a Hub id or a bucket to
+    this node); return it resolved, or as it is when remote."""
     from instune.base_model import check_model_dir
 
-    p = Path(path).expanduser()
+    p = Path(local_model_dir(path, field)).expanduser()
     if not p.is_dir():
         raise UserError(f"{field}: {path} is not a directory (expected a model or a PEFT adapter directory)")
     if is_adapter_dir(p):
         if not any(p.glob("adapter_model.*")):
             raise UserError(f"{field}: {path} has {ADAPTER_CONFIG} but no adapter_model.safetensors or .bin")
         check_model_dir(adapter_base_path(p, base_model_path, field), field)
-        return str(p.resolve())
-    return str(check_model_dir(str(p), field))
+        return path if is_remote(path) else str(p.resolve())
+    checked = check_model_dir(str(p), field)
+    return path if is_remote(path) else str(checked)
 
 
 def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype: str, device: str):
@@ -54,10 +60,11 @@ def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
+    model_path = local_model_dir(model_path)
     if is_adapter_dir(model_path):
         from peft import PeftModel
 
-        base_path = adapter_base_path(model_path, base_model_path)
+        base_path = local_model_dir(adapter_base_path(model_path, base_model_path))
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
         model = PeftModel.from_pretrained(base, model_path)
         has_tokenizer = (Path(model_path) / "tokenizer_config.json").is_file()

@@ -26,8 +26,13 @@ def rebuild_trained_model(checkpoint_dir: Path, base_model_path: str):
     """(model with the checkpoint's weights, its MethodSettings), in fp32 on the CPU."""
     from transformers import AutoModelForCausalLM
 
+    from instune.model_source import is_remote, local_model_dir
+
     settings = read_method(checkpoint_dir)
-    model = apply_method(AutoModelForCausalLM.from_pretrained(base_model_path), settings)
+    base = AutoModelForCausalLM.from_pretrained(local_model_dir(base_model_path))
+    if is_remote(base_model_path):
+        base.name_or_path = base_model_path  # the adapter names its Hub id or bucket, not this node's cache
+    model = apply_method(base, settings)
     load_weights(model, Path(checkpoint_dir))
     return model.eval(), settings
 
@@ -41,7 +46,9 @@ def export_model(checkpoint_dir: Path, base_model_path: str, tokenizer_path: str
 
     model, settings = rebuild_trained_model(Path(checkpoint_dir), base_model_path)
     assert settings.method == method, f"checkpoint {checkpoint_dir} is {settings.method}, not {method}"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    from instune.model_source import local_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
     adapter_dir, merged_dir = Path(output_dir) / "adapter", Path(output_dir) / "merged"
     with atomic_dir(adapter_dir) as tmp:
         if method == "bitfit":

@@ -160,13 +160,15 @@ def build_model(settings: LoopSettings, device):
     """The base model with the method applied, on `device`; identical on every worker (same seed)."""
     from transformers import AutoModelForCausalLM
 
+    from instune.model_source import local_model_dir
+
     # Under DDP, low-precision runs keep fp32 master weights for whatever trains and use autocast; a PEFT
     # method's frozen base stays in low precision (PEFT keeps its adapter weights in fp32). DeepSpeed
     # keeps its own fp32 master copy, so it gets the low-precision model.
     low_precision_base = settings.strategy == "deepspeed" or settings.method.method in PEFT_METHODS
     dtype = getattr(torch, settings.dtype) if low_precision_base else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        settings.model_path, dtype=dtype, attn_implementation=settings.attn_implementation)
+        local_model_dir(settings.model_path), dtype=dtype, attn_implementation=settings.attn_implementation)
     model.config.use_cache = False
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -25,7 +25,9 @@ def tokenize_eval_sets(eval_sets: list, tokenizer_path: str, seq_len: int, out_d
     from instune.data.pack import pad_one
     from instune.data.tokenize import Tokenized, tokenize_batch
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    from instune.model_source import local_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
     tables = {}
     for s in eval_sets:
         if s.name in RESERVED_NAMES:
