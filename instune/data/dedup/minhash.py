@@ -5,11 +5,15 @@ of its own, default n=5), not characters: templated tasks that differ in one num
 ("Convert 5 km to miles" / "Convert 7 km to miles", "18 + 0" / "18 - 0") then share no shingle and stay
 distinct, while near copies of long answers collide. A text shorter than n tokens is one shingle.
 
-Candidates come from LSH buckets (records sharing all `rows` values of a band); each candidate edge is
-verified with the Jaccard similarity estimated from the two signatures, so bucket collisions below the
-threshold never remove a record. Connected components of verified edges are clusters; the smallest id
-(natural order) of each cluster is kept. Candidate edges join each bucket member to the bucket's smallest
-member (a star), so the work is linear in bucket sizes, never all pairs.
+Candidates come from LSH buckets (records sharing all `rows` values of a band). Clustering is greedy in id
+(natural) order, as a streaming deduplicator would do it: each record is compared, by the Jaccard similarity
+estimated from the signatures, with the records already *kept* that share a bucket with it; it is a
+near-duplicate of the most similar of them when that similarity is at or above the threshold, else it is kept.
+So every reject names a kept record it is similar to at the threshold, and near copies do not chain: with
+A~B and B~C but A and C apart, B goes (a copy of A) and C stays. Connected components of verified pairs
+would remove C too (on the ShareGPT sample 114 of 160 rejects were below the threshold with every kept record).
+Only buckets of two records or more take part, and a record is compared only with kept records of its own
+buckets, so the work follows bucket sizes times the kept records in them, never all pairs of the corpus.
 """
 
 from __future__ import annotations
@@ -110,46 +114,50 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return mix64(combined).view(np.int64)
 
 
-def star_edges(keys: np.ndarray) -> np.ndarray:
-    """(m, 2) edges (member, bucket anchor) for one column of band keys over items sorted by id order.
+def bucket_members(keys: np.ndarray) -> np.ndarray:
+    """(m, 2) rows (bucket, member) for every bucket of two rows or more in `keys` (n, bands) of band keys.
 
-    The anchor of a bucket is its first (smallest) item; singleton buckets give no edge.
+    Band keys differ between bands (band_keys), so one key is one bucket; a bucket's number is the position
+    of its key among the keys that two rows or more share.
     """
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    anchor = first[inverse]
-    members = np.flatnonzero(anchor != np.arange(len(keys)))
-    return np.stack([members, anchor[members]], axis=1)
+    flat = keys.ravel()
+    members = np.repeat(np.arange(len(keys)), keys.shape[1])
+    shared, counts = np.unique(flat, return_counts=True)
+    shared = shared[counts > 1]
+    slot = np.searchsorted(shared, flat)
+    in_shared = np.zeros(len(flat), bool)
+    valid = slot < len(shared)
+    in_shared[valid] = shared[slot[valid]] == flat[valid]
+    return np.stack([slot[in_shared], members[in_shared]], axis=1)
 
 
-def _root(parent: list[int], i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
+def greedy_duplicates(signatures: np.ndarray, pairs: np.ndarray, threshold: float) -> dict[int, tuple[int, float]]:
+    """{duplicate row: (kept row, estimated Jaccard with it)} from (bucket, member) pairs over signature rows.
 
-
-def cluster_duplicates(
-    signatures: np.ndarray, edges: np.ndarray, threshold: float
-) -> dict[int, tuple[int, float]]:
-    """{duplicate index: (kept index, estimated Jaccard with it)} from candidate edges between rows.
-
-    Rows must be in id order: each cluster of edges verified at >= threshold keeps its smallest index.
+    Rows must be in id order. Row by row, in that order, a row sharing a bucket with kept rows is a duplicate
+    of the most similar of them (the smallest on a tie) when that similarity is >= threshold; otherwise it
+    is kept. A duplicate never counts as a match for later rows, so chains of near copies do not propagate.
     """
-    if not len(edges):
+    if not len(pairs):
         return {}
-    edges = np.unique(np.sort(edges, axis=1), axis=0)
-    similar = edges[estimated_jaccard(signatures[edges[:, 0]], signatures[edges[:, 1]]) >= threshold]
-    parent = list(range(len(signatures)))
-    for a, b in similar.tolist():
-        root_a, root_b = _root(parent, a), _root(parent, b)
-        if root_a != root_b:  # the smaller index becomes the root, so a root is its cluster's first id
-            parent[max(root_a, root_b)] = min(root_a, root_b)
-    duplicates = sorted({i for pair in similar.tolist() for i in pair if _root(parent, i) != i})
-    if not duplicates:
-        return {}
-    kept = np.array([_root(parent, i) for i in duplicates])
-    similarity = estimated_jaccard(signatures[duplicates], signatures[kept])
-    return {i: (int(k), float(s)) for i, k, s in zip(duplicates, kept, similarity)}
+    pairs = np.unique(pairs, axis=0)
+    by_member = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]
+    rows, starts = np.unique(by_member[:, 1], return_index=True)
+    bucket_lists = np.split(by_member[:, 0], starts[1:])
+    kept_in: dict[int, list[int]] = {}
+    duplicates: dict[int, tuple[int, float]] = {}
+    for row, buckets in zip(rows.tolist(), bucket_lists):
+        buckets = buckets.tolist()
+        candidates = sorted({k for b in buckets for k in kept_in.get(b, ())})
+        if candidates:
+            similarity = estimated_jaccard(signatures[candidates], signatures[row])
+            best = int(np.argmax(similarity))  # the first maximum: the smallest id among equally similar
+            if similarity[best] >= threshold:
+                duplicates[row] = (candidates[best], float(similarity[best]))
+                continue
+        for b in buckets:
+            kept_in.setdefault(b, []).append(row)
+    return duplicates
 
 
 def _reason(kept_id: str, similarity: float) -> str:
@@ -163,8 +171,7 @@ def near_dedup_records(
     ordered = sorted(records, key=lambda r: order_key(r["id"]))
     signatures = minhash_signatures([record_text(r) for r in ordered], num_perm, ngram, seed)
     keys = band_keys(signatures, *optimal_bands(threshold, num_perm))
-    edges = np.concatenate([star_edges(keys[:, band]) for band in range(keys.shape[1])])
-    duplicates = cluster_duplicates(signatures, edges, threshold)
+    duplicates = greedy_duplicates(signatures, bucket_members(keys), threshold)
     rejected = {ordered[i]["id"]: _reason(ordered[k]["id"], s) for i, (k, s) in duplicates.items()}
     kept = [r for r in records if r["id"] not in rejected]
     return kept, [reject_for_record(r, STAGE, rejected[r["id"]]) for r in records if r["id"] in rejected]
@@ -196,16 +203,14 @@ def _band_rows(batch: pa.Table, num_perm: int, bands: int, rows: int) -> pa.Tabl
     return pa.table({BAND_COLUMN: keys.ravel(), ORDER_COLUMN: pa.array(order, pa.string())})
 
 
-def _bucket_edges(batch: pa.Table, shared_keys: np.ndarray, anchors: np.ndarray) -> pa.Table:
+def _bucket_members(batch: pa.Table, shared_keys: np.ndarray) -> pa.Table:
+    """(bucket number, member order key) for the rows of `batch` whose band key is one of the shared ones."""
     keys = batch[BAND_COLUMN].to_numpy()
     slot = np.clip(np.searchsorted(shared_keys, keys), 0, max(len(shared_keys) - 1, 0))
     in_shared = shared_keys[slot] == keys if len(shared_keys) else np.zeros(len(keys), bool)
     members = np.asarray(batch[ORDER_COLUMN].to_pylist(), dtype=object)
-    anchor = anchors[slot]
-    keep = in_shared & (members != anchor)
-    return pa.table(
-        {"member": pa.array(members[keep], pa.string()), "anchor": pa.array(anchor[keep], pa.string())}
-    )
+    return pa.table({"bucket": pa.array(slot[in_shared], pa.int64()),
+                     "member": pa.array(members[in_shared], pa.string())})
 
 
 def _select_signatures(batch: pa.Table, wanted: set[str]) -> pa.Table:
@@ -218,39 +223,34 @@ def _mark_near(batch: pa.Table, rejected: dict[str, str]) -> pa.Table:
     return mark_table(batch, failures)
 
 
-def _candidate_edges(signed: ray.data.Dataset, num_perm: int, bands: int, rows: int,
-                     work_dir: str | None = None) -> pa.Table | None:
-    """(member, anchor) order keys for every record sharing an LSH bucket with a smaller one, or None."""
+def _bucket_table(signed: ray.data.Dataset, num_perm: int, bands: int, rows: int,
+                  work_dir: str | None = None) -> pa.Table | None:
+    """(bucket, member) for every record in an LSH bucket of two records or more, global; None if there is none."""
     band_rows = persist(signed.map_batches(
         _band_rows, fn_kwargs={"num_perm": num_perm, "bands": bands, "rows": rows}, batch_format="pyarrow"
     ), work_dir)
     buckets = repeated_keys(band_rows, work_dir, BAND_COLUMN, ORDER_COLUMN)
     if buckets is None:
         return None
-    order = np.argsort(buckets[BAND_COLUMN].to_numpy())
-    shared_keys = buckets[BAND_COLUMN].to_numpy()[order]
-    anchors = np.asarray(buckets["first"].to_pylist(), dtype=object)[order]
-    edges = band_rows.map_batches(
-        _bucket_edges,
-        fn_kwargs={"shared_keys": shared_keys, "anchors": anchors},
-        batch_format="pyarrow",
-    )
-    return collect(edges)
+    shared_keys = np.sort(buckets[BAND_COLUMN].to_numpy())  # a bucket's number: its key's rank, the same everywhere
+    members = band_rows.map_batches(_bucket_members, fn_kwargs={"shared_keys": shared_keys}, batch_format="pyarrow")
+    return collect(members)
 
 
-def _verified_rejects(signed: ray.data.Dataset, edge_table: pa.Table, num_perm: int, threshold: float) -> dict:
-    """{order key: reject reason} after verifying candidate edges with the signatures of their records."""
-    members, anchors = edge_table["member"].to_pylist(), edge_table["anchor"].to_pylist()
-    candidates = sorted(set(members) | set(anchors))  # order keys sort in id order
+def _verified_rejects(signed: ray.data.Dataset, bucket_table: pa.Table, num_perm: int, threshold: float) -> dict:
+    """{order key: reject reason} from greedy clustering of the bucketed records, with their signatures."""
+    members = bucket_table["member"].to_pylist()
+    candidates = sorted(set(members))  # order keys sort in id order
     selected = signed.map_batches(_select_signatures, fn_kwargs={"wanted": set(candidates)}, batch_format="pyarrow")
     chosen = collect(selected)
     row_of = {key: i for i, key in enumerate(chosen[ORDER_COLUMN].to_pylist())}
     signatures = _signature_matrix(chosen[SIGNATURE_COLUMN], num_perm)[[row_of[key] for key in candidates]]
     index = {key: i for i, key in enumerate(candidates)}
-    edges = np.array([[index[m], index[a]] for m, a in zip(members, anchors)], dtype=np.int64)
+    pairs = np.stack([bucket_table["bucket"].to_numpy(), np.array([index[m] for m in members], dtype=np.int64)],
+                     axis=1)
     return {
         candidates[i]: _reason(id_of(candidates[k]), similarity)
-        for i, (k, similarity) in cluster_duplicates(signatures, edges, threshold).items()
+        for i, (k, similarity) in greedy_duplicates(signatures, pairs, threshold).items()
     }
 
 
@@ -258,11 +258,12 @@ def near_dedup(
     ds: ray.data.Dataset, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0,
     work_dir: str | None = None, quarantine: str | None = None,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
-    """(kept records, reject rows): one record per cluster of near-duplicates across the whole dataset.
+    """(kept records, reject rows): near-duplicates of kept records removed across the whole dataset.
 
-    Signatures and band keys are computed in parallel; LSH buckets are grouped across all blocks by a hash
-    aggregation. Only the candidate edges and the signatures of records in them come back to the driver,
-    which verifies the edges and finds clusters. The signed records and their band keys are computed once
+    Signatures and band keys are computed in parallel; LSH buckets are grouped across all blocks and nodes.
+    Only the (bucket, member) rows of shared buckets and the signatures of their records come back to the
+    driver, which clusters them greedily in id order (greedy_duplicates), so the result does not depend on
+    blocks or workers. The signed records and their band keys are computed once
     (written under `work_dir`, see raydata.persist). With a `quarantine` directory the rejects are written there
     instead of returned (filters.split_marked).
     """
@@ -270,7 +271,7 @@ def near_dedup(
     signed = persist(ds.map_batches(
         _add_signatures, fn_kwargs={"num_perm": num_perm, "ngram": ngram, "seed": seed}, batch_format="pyarrow"
     ), f"{work_dir}/signed" if work_dir else None)
-    edge_table = _candidate_edges(signed, num_perm, bands, rows, f"{work_dir}/bands" if work_dir else None)
-    rejected = {} if edge_table is None else _verified_rejects(signed, edge_table, num_perm, threshold)
+    bucket_table = _bucket_table(signed, num_perm, bands, rows, f"{work_dir}/bands" if work_dir else None)
+    rejected = {} if bucket_table is None else _verified_rejects(signed, bucket_table, num_perm, threshold)
     marked = signed.map_batches(_mark_near, fn_kwargs={"rejected": rejected}, batch_format="pyarrow")
     return split_marked(marked, drop=[ORDER_COLUMN, SIGNATURE_COLUMN], quarantine=quarantine)

@@ -4,14 +4,14 @@ import ray
 from instune.data.dedup.minhash import (
     EMPTY,
     band_keys,
-    cluster_duplicates,
+    bucket_members,
     estimated_jaccard,
+    greedy_duplicates,
     minhash_signatures,
     near_dedup,
     near_dedup_records,
     optimal_bands,
     shingle_tokens,
-    star_edges,
 )
 from instune.data.filters.decontaminate import ngram_hashes
 from instune.data.schema import make_record
@@ -94,24 +94,53 @@ def test_band_keys_equal_only_for_equal_bands():
     assert len(set(zeros[0].tolist())) == 9
 
 
-def test_star_edges_are_linear_in_bucket_size():
-    keys = np.array([5, 7, 5, 5, 9, 7])
-    assert star_edges(keys).tolist() == [[2, 0], [3, 0], [5, 1]]
-    # One bucket of 1000 gives 999 edges, not 499500 pairs.
-    assert len(star_edges(np.zeros(1000, np.int64))) == 999
+def test_bucket_members_lists_shared_buckets_only():
+    keys = np.array([[5, 1], [7, 2], [5, 3], [5, 2], [9, 4]])
+    pairs = sorted(map(tuple, bucket_members(keys).tolist()))
+    # Shared keys 2 and 5 are buckets 0 and 1 (their rank); keys seen once make no bucket.
+    assert pairs == [(0, 1), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert len(bucket_members(np.arange(10).reshape(5, 2))) == 0
 
 
-def test_cluster_duplicates_verifies_edges_and_keeps_the_smallest():
+def test_greedy_duplicates_compare_with_kept_rows_only():
     base = random_text(7, 120)
     texts = [base, edited(base, 1), random_text(8, 120), edited(base, 2), random_text(9, 120)]
     signatures = minhash_signatures(texts)
-    # Edge 2-1 is a false candidate (unrelated texts) and must not merge anything.
-    edges = np.array([[1, 0], [3, 1], [2, 1], [4, 4]])
-    duplicates = cluster_duplicates(signatures, edges, threshold=0.7)
+    # Bucket 0 holds the edits and an unrelated text (a false candidate); bucket 1 is unrelated texts only.
+    pairs = np.array([[0, 0], [0, 1], [0, 2], [0, 3], [1, 2], [1, 4]])
+    duplicates = greedy_duplicates(signatures, pairs, threshold=0.7)
     assert sorted(duplicates) == [1, 3]
-    # Row 3 joined through row 1; its reported similarity is to the kept row 0 (about 0.84 true).
-    assert all(kept == 0 and similarity > 0.7 for kept, similarity in duplicates.values())
-    assert cluster_duplicates(signatures, np.zeros((0, 2), np.int64), 0.7) == {}
+    # Row 3 is close to row 1 too, but row 1 is a duplicate: it names the kept row 0.
+    assert all(kept == 0 and similarity >= 0.7 for kept, similarity in duplicates.values())
+    assert greedy_duplicates(signatures, np.zeros((0, 2), np.int64), 0.7) == {}
+
+
+def chain_texts() -> list[str]:
+    """A, B, C: B is A with 5 words replaced, C is B with 5 other words replaced (true Jaccard 0.87, 0.84, and
+    0.73 for A and C)."""
+    a = random_text(21, 300).split()
+    b, c = list(a), list(a)
+    for k in range(5):
+        b[k * 60] = c[k * 60] = f"b{k}"
+        c[k * 60 + 30] = f"c{k}"
+    return [" ".join(a), " ".join(b), " ".join(c)]
+
+
+def test_a_chain_of_near_copies_keeps_its_far_end():
+    a, b, c = chain_texts()
+    signatures = minhash_signatures([a, b, c])
+    # The estimates the clustering sees: A~B and B~C at 0.8 or more, A and C below.
+    assert estimated_jaccard(signatures[0], signatures[1]) >= 0.8
+    assert estimated_jaccard(signatures[1], signatures[2]) >= 0.8
+    assert estimated_jaccard(signatures[0], signatures[2]) < 0.8
+    # All three in one bucket: C is compared with the kept A only, not with the removed B.
+    assert greedy_duplicates(signatures, np.array([[0, 0], [0, 1], [0, 2]]), 0.8).keys() == {1}
+    records = [conversation(1, a), conversation(2, b), conversation(3, c)]
+    kept, rejects = near_dedup_records(records, threshold=0.8)
+    # Connected components of verified pairs would drop C as well (through B).
+    assert [r["id"] for r in kept] == ["src:train.jsonl:line 1", "src:train.jsonl:line 3"]
+    assert [r["record"] for r in rejects] == ["line 2"]
+    assert rejects[0]["reason"].startswith("near-duplicate of src:train.jsonl:line 1 (jaccard≈")
 
 
 def test_near_dedup_records_drops_edits_and_keeps_templated_tasks():
@@ -146,6 +175,9 @@ def test_ray_near_dedup_is_global_and_matches_the_plain_version(local_ray):
     ds = ray.data.from_items(records, override_num_blocks=8)
     kept, rejects = near_dedup(ds, threshold=0.7, num_perm=128, ngram=5, seed=0)
     assert sorted(r["id"] for r in kept.take_all()) == sorted(r["id"] for r in originals)
+    # Every reason's similarity is to a kept record, at or above the threshold.
+    similarities = [float(r["reason"].rpartition("≈")[2].rstrip(")")) for r in rejects.take_all()]
+    assert len(similarities) == 19 and min(similarities) >= 0.7
     rows = sorted(rejects.take_all(), key=lambda r: r["record"])
     assert len(rows) == 19
     assert {r["stage"] for r in rows} == {"dedup:near"}
@@ -155,3 +187,23 @@ def test_ray_near_dedup_is_global_and_matches_the_plain_version(local_ray):
     _, expected = near_dedup_records(records, threshold=0.7, num_perm=128, ngram=5, seed=0)
     assert rows == sorted(expected, key=lambda r: r["record"])
     assert kept.schema().names == ["id", "source", "domain", "messages", "metadata"]
+
+
+def test_ray_near_dedup_does_not_depend_on_blocks(local_ray):
+    """Chains, edits and unrelated texts in 1 block and in 7: the same kept ids and the same reasons."""
+    texts = chain_texts() + [random_text(300 + i, 200) for i in range(20)]
+    texts += [edited(texts[3 + i], 1 + i % 2) for i in range(10)] + [edited(texts[1], 1)]
+    records = [conversation(i, text) for i, text in enumerate(texts)]
+    results = []
+    for blocks in (1, 7):
+        kept, rejects = near_dedup(ray.data.from_items(records, override_num_blocks=blocks), threshold=0.8)
+        results.append((sorted(r["id"] for r in kept.take_all()),
+                        sorted((r["record"], r["reason"]) for r in rejects.take_all())))
+    assert results[0] == results[1]
+    kept_ids, reasons = results[0]
+    # B (line 1) and the 10 edits go; C (line 2) and the edit of B (line 33) stay: their near copy B is not
+    # kept, and they are below the threshold with A.
+    assert {"src:train.jsonl:line 2", "src:train.jsonl:line 33"} <= set(kept_ids) and len(reasons) == 11
+    _, plain = near_dedup_records(records, threshold=0.8)
+    assert reasons == sorted((r["record"], r["reason"]) for r in plain)
+    assert all(float(reason.rpartition("≈")[2].rstrip(")")) >= 0.8 for _, reason in reasons)
