@@ -63,7 +63,10 @@ class ModelConfig(Strict):
 
 # ---------------------------------------------------------------- data
 
-Format = Literal["auto", "alpaca", "sharegpt", "openai", "dolly", "completion", "mapped"]
+# pairs, pair_messages and hh_rlhf hold preference pairs (chosen/rejected), for a preference train.objective
+# (instune/data/preference_formats.py); the others hold conversations to fine-tune on.
+Format = Literal["auto", "alpaca", "sharegpt", "openai", "dolly", "completion", "mapped", "pairs", "pair_messages",
+                 "hh_rlhf"]
 
 
 class CorpusConfig(Strict):
@@ -326,6 +329,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     # Worker-group restarts from the latest checkpoint after a worker dies.
     max_failures: int = Field(0, ge=0)
+    # sft: next-token loss on the assistant turns. dpo, ipo, cdpo, simpo, orpo: a loss on preference pairs
+    # (the sources hold chosen/rejected pairs; settings in the `dpo` section; train/preference_loss.py).
+    objective: Literal["sft", "dpo", "ipo", "cdpo", "simpo", "orpo"] = "sft"
 
 
 class ScalingConfig(Strict):
@@ -350,6 +356,35 @@ class StrategyConfig(Strict):
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
         return self
+
+
+# ---------------------------------------------------------------- preference alignment
+
+
+class PreferenceConfig(Strict):
+    """Preference alignment on chosen/rejected pairs (train.objective other than sft); the losses and their
+    papers are in instune/train/preference_loss.py."""
+
+    # DPO's β: how far the policy may move from the reference (0.1 in the paper). SimPO uses the same key
+    # for its reward scale, where the paper takes 2.0 to 2.5.
+    beta: float = Field(0.1, gt=0)
+    # cdpo only: the assumed probability that a pair's preference label is flipped.
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5)
+    # simpo only: the target reward margin γ between chosen and rejected.
+    simpo_gamma: float = Field(0.5, ge=0)
+    # orpo only: the weight λ of the odds-ratio term added to the chosen side's SFT loss.
+    orpo_lambda: float = Field(0.1, gt=0)
+    # Where dpo/ipo/cdpo get the frozen reference's log-probs. precompute: computed once in `instune prepare`
+    # on a Ray Data actor pool and stored with the pairs, so training holds only the policy. adapter_disabled:
+    # the policy with its LoRA adapter switched off (no second copy). model: a second model in memory.
+    reference: Literal["precompute", "adapter_disabled", "model"] = "precompute"
+    # The reference model directory (or Hub id); unset means the run's base model.
+    reference_model_path: str | None = None
+    # precompute: pairs per reference forward pass (both sides each), capped at max_batch_tokens padded
+    # tokens, and the actors holding a copy of the reference each (a GPU each when the cluster has GPUs).
+    batch_size: int = Field(16, gt=0)
+    max_batch_tokens: int = Field(16384, gt=0)
+    num_actors: int = Field(1, gt=0)
 
 
 # ---------------------------------------------------------------- eval
@@ -501,6 +536,15 @@ class ExperimentConfig(Strict):
     strategy: StrategyConfig = StrategyConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig | None = None
+    dpo: PreferenceConfig = PreferenceConfig()
+
+    @model_validator(mode="after")
+    def _preference_settings_fit(self):
+        if self.train.objective in ("dpo", "ipo", "cdpo") and self.dpo.reference == "adapter_disabled" \
+                and self.peft.method != "lora":
+            raise ValueError(f"dpo.reference: adapter_disabled needs peft.method: lora (got {self.peft.method}); "
+                             "use precompute or model")
+        return self
 
 
 # ---------------------------------------------------------------- loading

@@ -101,3 +101,16 @@ def test_resolved_yaml_round_trips(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["train.lr=0.01"])
     again = load_config(write(tmp_path, config_to_yaml(config), "resolved.yaml"))
     assert again == config
+
+
+def test_preference_settings_are_checked_at_load(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    config = load_config(path, ["train.objective=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=1.0"])
+    assert (config.train.objective, config.dpo.beta, config.dpo.simpo_gamma) == ("simpo", 2.0, 1.0)
+    assert "train.objective" in error_of(path, ["train.objective=kto"])
+    assert "dpo.label_smoothing" in error_of(path, ["dpo.label_smoothing=0.5"])
+    # The adapter-less reference exists only for LoRA.
+    error = error_of(path, ["train.objective=dpo", "dpo.reference=adapter_disabled", "peft.method=full"])
+    assert "adapter_disabled needs peft.method: lora" in error
+    assert load_config(path, ["train.objective=dpo", "dpo.reference=adapter_disabled"]).dpo.reference == \
+        "adapter_disabled"
