@@ -8,6 +8,7 @@ values it needs from these objects, never the whole config.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -648,3 +649,26 @@ def write_resolved_config(config: ExperimentConfig, directory: str | os.PathLike
     from instune.atomic import write_text
 
     return write_text(Path(directory) / "resolved_config.yaml", config_to_yaml(config))
+
+
+# ---------------------------------------------------------------- config -> plain settings
+
+
+def settings_from(cls, sections: dict[str, BaseModel], renamed: dict[str, str] | None = None, **given):
+    """An instance of the dataclass `cls`, each field read by name from the one config section holding it
+    (`renamed` maps "section.field" to the dataclass field it fills); `given` are values computed elsewhere.
+
+    A setting added to a config section and to `cls` under the same name flows through with no code here;
+    a test per settings class checks that every field of its sections reaches it or is listed as used
+    elsewhere (tests/train/test_run_settings.py).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for section_name, section in sections.items():
+        dumped = section.model_dump()  # plain values, copies: the settings never share lists with the config
+        for key in type(section).model_fields:
+            name = (renamed or {}).get(f"{section_name}.{key}", key)
+            if name in names and name not in given:
+                assert name not in values, f"{cls.__name__}.{name} is in more than one of {list(sections)}"
+                values[name] = dumped[key]
+    return cls(**values, **given)

@@ -178,7 +178,8 @@ def read_split(split_dir: str | Path):
 def train_stage(config: ExperimentConfig):
     """Train on the prepared data; returns TrainOutputs."""
     from instune.data.prepare import MANIFEST, load_manifest
-    from instune.train.trainer import TrainOutputs, export_model, loop_settings, run_ray_training, steps_for
+    from instune.train.checks import check_training_plan
+    from instune.train.trainer import train_and_export, training_run
 
     storage.check_output_location(config.output_dir, "output_dir")
     paths = output_paths(config)
@@ -186,22 +187,16 @@ def train_stage(config: ExperimentConfig):
     manifest = load_manifest(data_dir)
     model_path, tokenizer_path = base_model(config)
     write_config(config)
-    s, t = config.scaling, config.train
-    if config.data.stream and t.max_steps is None:
+    if config.data.stream and config.train.max_steps is None:
         raise UserError("train.max_steps: required with data.stream: true (streamed data has no row count "
                         "before training)")
-    rows = 0 if config.data.stream else manifest["splits"]["train"]["rows"]
-    total_steps = steps_for(rows, s.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
-    settings = loop_settings(config, model_path, total_steps)
-    from instune.train.checks import check_training_plan
-
-    check_training_plan(settings, packed=config.data.pack)
+    run = training_run(config, model_path, rows=0 if config.data.stream else manifest["splits"]["train"]["rows"])
+    check_training_plan(run.loop, packed=config.data.pack)
     start_ray(config.scaling)
     if config.model.path is None:
         check_scratch_reachable(config, "the training workers load the embedded base model")
     if config.data.stream:
         check_scratch_reachable(config, "the training workers read the prepared records (data.stream)")
-    if config.data.stream:
         from instune.data.prepare import stream_train_data
 
         # Phase 2 (mix, markers, tokenize, pack) runs as training reads; nothing is written. It reads the
@@ -211,23 +206,16 @@ def train_stage(config: ExperimentConfig):
     else:
         datasets = {split: read_split(storage.join(data_dir, split))
                     for split in ("train", "validation") if split in manifest["splits"]}
-    print(f"[train] {config.peft.method} on {s.num_workers} workers, {total_steps} steps", flush=True)
+    print(f"[train] {config.peft.method} on {run.workers.num_workers} workers, {run.loop.total_steps} steps",
+          flush=True)
     # The same output_dir resumes from its latest checkpoint (see instune/train/trainer.py).
-    result, metrics_file = run_ray_training(
-        settings, datasets, num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
-        gpus_per_worker=s.gpus_per_worker, placement_strategy=s.placement_strategy,
-        storage_dir=paths["train"], run_name="run", max_failures=t.max_failures,
-        keep_checkpoints=t.keep_checkpoints,
-        storage_uri=published(config, paths["train"]) if storage.is_uri(config.output_dir) else None)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see {published(config, paths['train'])}")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        adapter_dir, merged_dir = export_model(Path(checkpoint_dir), model_path, tokenizer_path,
-                                               config.peft.method, work_dir(config))
-    for exported in (adapter_dir, merged_dir):
+    outputs = train_and_export(run, datasets, tokenizer_path, storage_dir=paths["train"], export_dir=work_dir(config),
+                               storage_uri=published(config, paths["train"]) if storage.is_uri(config.output_dir)
+                               else None)
+    for exported in (outputs.adapter_dir, outputs.merged_dir):
         if exported is not None:
             publish(config, exported)
-    return TrainOutputs(adapter_dir, merged_dir, metrics_file, dict(result.metrics or {}))
+    return outputs
 
 
 def load_eval_sets(config: ExperimentConfig):
@@ -258,16 +246,14 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
     import json
 
     from instune.atomic import write_json, write_text
-    from instune.eval.evaluate import EvalSettings
+    from instune.eval.evaluate import eval_settings
     from instune.eval.load import is_adapter_dir
     from instune.eval.pool import evaluate_with_ray
 
     sets = load_eval_sets(config)
     base_path = base_model(config)[0] if is_adapter_dir(model_path) else None
-    e, m = config.eval, config.model
-    settings = EvalSettings(max_length=m.max_length, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                            dtype=m.dtype, do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p,
-                            seed=e.seed)
+    e = config.eval
+    settings = eval_settings(config.model, e)
     print(f"[eval] {label}: {sum(len(s.records) for s in sets)} examples in {len(sets)} sets", flush=True)
     start_ray(config.scaling)
     if any(Path(path).resolve().is_relative_to(work_dir(config).resolve()) for path in (model_path, base_path) if path):

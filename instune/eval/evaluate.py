@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 
 from instune.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
 from instune.eval.text_metrics import generation_scores
+
+if TYPE_CHECKING:
+    from instune.config import EvalConfig, ModelConfig
 
 
 @dataclass
@@ -61,6 +65,22 @@ class EvalSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+
+
+# `eval` fields EvalSettings does not take, and where they go instead (tests/eval/test_evaluate.py checks that
+# every other eval field reaches EvalSettings).
+NOT_IN_EVAL_SETTINGS = {
+    "eval.sets": "the stages read the records (stages.load_eval_sets)",
+    "eval.max_examples": "the stages cut each set to it (stages.load_eval_sets)",
+    "eval.num_actors": "the size of the Ray Data actor pool (pool.evaluate_with_ray)",
+}
+
+
+def eval_settings(model: ModelConfig, eval: EvalConfig) -> EvalSettings:
+    """EvalSettings from the config's `model` (max_length, dtype) and `eval` sections, field by name."""
+    from instune.config import settings_from
+
+    return settings_from(EvalSettings, {"model": model, "eval": eval})
 
 
 def split_prompt(messages: list[dict]) -> tuple[list[dict], str]:

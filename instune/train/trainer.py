@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from instune.config import ExperimentConfig, settings_from
 from instune.errors import UserError
-from instune.train.export import export_model  # noqa: F401  (the driver's export step lives beside it)
+from instune.train.export import export_model
 from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
 
@@ -38,24 +39,55 @@ class TrainOutputs:
     final_metrics: dict
 
 
-def loop_settings(config, model_path: str, total_steps: int) -> LoopSettings:
-    """Plain per-worker settings from the validated config."""
-    t, p, m, s = config.train, config.peft, config.model, config.strategy
-    return LoopSettings(
-        model_path=model_path,
-        total_steps=total_steps,
-        method=MethodSettings(method=p.method, r=p.r, alpha=p.alpha, dropout=p.dropout,
-                              target_modules=p.target_modules, use_rslora=p.use_rslora, use_dora=p.use_dora,
-                              modules_to_save=list(p.modules_to_save), num_virtual_tokens=p.num_virtual_tokens,
-                              lisa_layers=p.lisa_layers, lisa_period=p.lisa_period),
-        lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm,
-        optimizer=t.optimizer, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
-        log_every=t.log_every, eval_every=t.eval_every or t.log_every, checkpoint_every=t.checkpoint_every,
-        dtype=m.dtype, attn_implementation=m.attn_implementation,
-        gradient_checkpointing=m.gradient_checkpointing, use_gpu=config.scaling.use_gpu,
-        head_dropout=t.head_dropout, strategy=s.name, zero_stage=s.zero_stage,
-        offload_optimizer=s.offload_optimizer, offload_params=s.offload_params, deepspeed=dict(s.deepspeed),
-    )
+@dataclass
+class WorkerSettings:
+    """How Ray Train runs the loop: run_ray_training's keyword arguments that come from the config."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    placement_strategy: str = "PACK"
+    max_failures: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class TrainingRun:
+    """One Ray Train run of the loop, as `training_run` builds it from the config."""
+
+    loop: LoopSettings
+    workers: WorkerSettings
+
+
+# The config sections a training run is built from (peft builds the loop's MethodSettings), and the fields of
+# them that the settings take under another name.
+RUN_SECTIONS = ("model", "train", "strategy", "scaling")
+RENAMED = {"strategy.name": "strategy"}
+# Fields of those sections (and of peft) that reach neither LoopSettings, MethodSettings nor WorkerSettings,
+# and where each goes instead. A new field must be in the settings or here (tests/train/test_run_settings.py).
+NOT_IN_RUN_SETTINGS = {
+    "model.path": "resolved by base_model into the loop's model_path",
+    "model.tokenizer_path": "the data stage tokenizes with it; export copies it beside the model",
+    "model.embedded": "base_model builds the embedded model from it",
+    "model.max_length": "the data stage packs or cuts rows to it; the loop takes rows as they come",
+    "train.epochs": "steps_for turns it into the loop's total_steps",
+    "train.max_steps": "steps_for turns it into the loop's total_steps",
+}
+
+
+def training_run(config: ExperimentConfig, model_path: str, rows: int,
+                 eval_datasets: list[str] | tuple[str, ...] = ()) -> TrainingRun:
+    """The loop's and Ray Train's settings for training `model_path` on `rows` training rows (0 when unknown
+    before training: then train.max_steps must be set). The one path from config to training, for `instune
+    train` and for each sweep trial; `eval_datasets`: more datasets whose loss is reported by name."""
+    t, s = config.train, config.scaling
+    total_steps = steps_for(rows, s.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+    sections = {name: getattr(config, name) for name in RUN_SECTIONS}
+    method = settings_from(MethodSettings, {"peft": config.peft})
+    loop = settings_from(LoopSettings, sections, RENAMED, model_path=model_path, total_steps=total_steps,
+                         method=method, eval_every=t.eval_every or t.log_every, eval_datasets=list(eval_datasets))
+    return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED))
 
 
 def steps_for(rows: int, num_workers: int, micro_batch_size: int, grad_accum: int, epochs: int,
@@ -167,3 +199,17 @@ def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int
     finally:
         if remote_run_dir:
             storage.upload_files(run_dir, remote_run_dir)  # metrics.jsonl and tensorboard/
+
+
+def train_and_export(run: TrainingRun, datasets: dict, tokenizer_path: str, *, storage_dir: Path,
+                     export_dir: Path, storage_uri: str | None = None, callbacks: tuple = ()) -> TrainOutputs:
+    """Run `run` on Ray Train (resuming from `storage_dir/run`, or `storage_uri/run`) and export its best
+    checkpoint under `export_dir` (adapter/ and merged/)."""
+    result, metrics_file = run_ray_training(run.loop, datasets, storage_dir=storage_dir, run_name="run",
+                                            callbacks=callbacks, storage_uri=storage_uri, **asdict(run.workers))
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see {storage_uri or storage_dir}")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        adapter_dir, merged_dir = export_model(Path(checkpoint_dir), run.loop.model_path, tokenizer_path,
+                                               run.loop.method.method, export_dir)
+    return TrainOutputs(adapter_dir, merged_dir, metrics_file, dict(result.metrics or {}))

@@ -104,10 +104,10 @@ def mixing_inputs(config, manifest: dict, data_dir: Path, sweep_dir: Path) -> tu
 
 def trial_plan(config, tree: dict, eval_sets: list, model_path: str, tokenizer_path: str, filtered_dir: Path,
                kept: dict[str, int], sweep_dir: Path, sweep_uri: str | None = None) -> TrialPlan:
-    from instune.eval.evaluate import EvalSettings
+    from instune.eval.evaluate import eval_settings
     from instune.tune.eval_data import tokenize_eval_sets
 
-    sweep, e, m = config.sweep, config.eval, config.model
+    sweep, m = config.sweep, config.model
     mix = sweep.mix
     return TrialPlan(
         base_tree=tree, sweep_dir=str(sweep_dir.resolve()), model_path=model_path, tokenizer_path=tokenizer_path,
@@ -117,9 +117,7 @@ def trial_plan(config, tree: dict, eval_sets: list, model_path: str, tokenizer_p
         set_kinds={s.name: s.kind for s in eval_sets}, objective=sweep.objective,
         report_while_training=sweep.objective.endswith("_loss"),
         eval_sets=eval_sets if sweep.final_eval else [],
-        eval_settings=EvalSettings(max_length=m.max_length, max_new_tokens=e.max_new_tokens,
-                                   batch_size=e.batch_size, dtype=m.dtype, do_sample=e.do_sample,
-                                   temperature=e.temperature, top_p=e.top_p, seed=e.seed),
+        eval_settings=eval_settings(config.model, config.eval),
         sweep_uri=sweep_uri)
 
 

@@ -147,40 +147,33 @@ def trial_datasets(config, plan: TrialPlan, weights: dict[str, float]) -> dict:
 def train_and_evaluate(sampled: dict, plan: TrialPlan, trial_dir: Path, trial_uri: str | None = None) -> dict:
     """Steps 1-4 of the module docstring; returns the final metrics. `trial_uri`: where the Train run keeps its
     checkpoints instead of `trial_dir/train` (a URI output_dir)."""
-    from instune.train.trainer import export_model, loop_settings, run_ray_training, steps_for
+    from instune.train.trainer import train_and_export, training_run
 
     config, weights, overrides = trial_config(sampled, plan)
     write_json(trial_dir / TRIAL_FILE, {"overrides": overrides, "mix": weights, "mix_by": plan.mix_by})
     datasets = trial_datasets(config, plan, weights)
 
-    t, s = config.train, config.scaling
-    total_steps = steps_for(datasets["train"].count(), s.num_workers, t.micro_batch_size, t.grad_accum,
-                            t.epochs, t.max_steps)
-    settings = loop_settings(config, plan.model_path, total_steps)
-    settings.eval_datasets = list(plan.eval_data)
+    # The same run as `instune train`, max_failures and keep_checkpoints included: a worker lost inside a
+    # trial restarts from the trial's own latest checkpoint, which is what a user who set them asked for.
+    run = training_run(config, plan.model_path, datasets["train"].count(), eval_datasets=list(plan.eval_data))
     callbacks = (ReportToTune(plan.set_kinds, plan.objective),) if plan.report_while_training else ()
-    print(f"[sweep] trial {trial_dir.name}: {overrides} mix {weights}, {total_steps} steps", flush=True)
-    result, _ = run_ray_training(
-        settings, datasets, num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
-        gpus_per_worker=s.gpus_per_worker, placement_strategy=s.placement_strategy,
-        storage_dir=trial_dir / "train", run_name="run", callbacks=callbacks,
-        storage_uri=storage.join(trial_uri, "train") if trial_uri else None)
-    assert result.checkpoint is not None, f"trial {trial_dir.name}: training ended without a checkpoint"
+    print(f"[sweep] trial {trial_dir.name}: {overrides} mix {weights}, {run.loop.total_steps} steps", flush=True)
+    outputs = train_and_export(run, datasets, plan.tokenizer_path, storage_dir=trial_dir / "train",
+                               export_dir=trial_dir, callbacks=callbacks,
+                               storage_uri=storage.join(trial_uri, "train") if trial_uri else None)
 
-    final = dict(result.metrics or {}, finished=True, total_steps=total_steps)
+    final = dict(outputs.final_metrics, finished=True, total_steps=run.loop.total_steps)
     final.update({f"mix/{name}": w for name, w in weights.items()})
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        adapter_dir, merged_dir = export_model(Path(checkpoint_dir), plan.model_path, plan.tokenizer_path,
-                                               config.peft.method, trial_dir)
     if plan.eval_sets:
         from instune.eval.evaluate import evaluate_in_process
 
         # Methods with nothing to merge (prompt tuning) are evaluated as an adapter on the base model.
-        model_dir, base_path = (merged_dir, None) if merged_dir is not None else (adapter_dir, plan.model_path)
+        model_dir, base_path = (outputs.merged_dir, None) if outputs.merged_dir is not None else \
+            (outputs.adapter_dir, plan.model_path)
         results, _ = evaluate_in_process(str(model_dir), plan.eval_sets, plan.eval_settings,
                                          base_model_path=base_path)
         final.update({f"accuracy/{r.name}": r.exact_match for r in results})
     # The adapter stays; a merged full copy per trial would fill the disk, and the best config retrains anyway.
-    if merged_dir is not None:
-        shutil.rmtree(merged_dir, ignore_errors=True)
+    if outputs.merged_dir is not None:
+        shutil.rmtree(outputs.merged_dir, ignore_errors=True)
     return with_objective(final, plan.set_kinds, plan.objective)

@@ -91,3 +91,21 @@ def test_set_result_round_trips_and_reads_older_files():
     old = SetResult.from_dict({"name": "s", "domain": "d", "kind": "in_domain", "examples": 3, "loss": 1.0,
                                "perplexity": math.e, "exact_match": 0.5})
     assert old.exact_match == 0.5 and math.isnan(old.rouge_l) and math.isnan(old.chrf)
+
+
+def test_every_eval_setting_reaches_eval_settings_or_is_listed_as_used_elsewhere():
+    import dataclasses
+
+    from instune.config import EvalConfig, ModelConfig
+    from instune.eval.evaluate import NOT_IN_EVAL_SETTINGS, eval_settings
+
+    taken = {f.name for f in dataclasses.fields(EvalSettings)}
+    lost = [f"eval.{key}" for key in EvalConfig.model_fields
+            if key not in taken and f"eval.{key}" not in NOT_IN_EVAL_SETTINGS]
+    assert lost == [], f"eval fields that reach no setting; add them to EvalSettings or NOT_IN_EVAL_SETTINGS: {lost}"
+    assert all(path.split(".")[1] in EvalConfig.model_fields for path in NOT_IN_EVAL_SETTINGS)
+    settings = eval_settings(ModelConfig(max_length=99, dtype="bfloat16"),
+                             EvalConfig(max_new_tokens=7, batch_size=5, do_sample=True, temperature=0.5, top_p=0.9,
+                                        seed=3))
+    assert settings == EvalSettings(max_length=99, max_new_tokens=7, batch_size=5, dtype="bfloat16", do_sample=True,
+                                    temperature=0.5, top_p=0.9, seed=3)
