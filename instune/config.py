@@ -132,9 +132,16 @@ class LanguageFilterConfig(Strict):
     min_letters: int = Field(20, ge=0)
 
 
+# Refusals only. "As an AI language model" alone also starts identity answers ("As a language model, I go by
+# the name Vicuna...") and caveats followed by a real answer, which are worth keeping; it counts here only
+# when a refusal follows it.
 DEFAULT_REFUSAL_PHRASES = [
-    "as an ai language model",
-    "as a language model, i",
+    "as an ai language model, i cannot",
+    "as an ai language model, i can't",
+    "as an ai language model, i am unable",
+    "as an ai language model, i'm unable",
+    "as an ai language model, i am not able",
+    "as an ai language model, i'm not able",
     "as an ai assistant, i cannot",
     "i cannot fulfill",
     "i can't fulfill",
@@ -171,6 +178,11 @@ class QualityFilterConfig(Strict):
     max_duplicate_ngram_char_fraction: dict[int, float] = {5: 0.3, 7: 0.25, 10: 0.2}
     # Lower-case substrings; a message containing one is rejected.
     refusal_phrases: list[str] = DEFAULT_REFUSAL_PHRASES
+    # Leave fenced code blocks, markdown tables and list markers out of the repetition rules (duplicate lines
+    # and n-grams). Those rules were made for web pages; code repeats lines and tokens by nature (closing
+    # braces, `return`, indentation), tables repeat separators and cells, lists repeat their markers, so an
+    # assistant turn holding them fell to the rules while holding nothing degenerate.
+    skip_code_and_tables: bool = True
 
     @field_validator("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction")
     @classmethod

@@ -249,7 +249,7 @@ def test_every_reject_reason_is_recorded_with_its_record(prepared):
         "empty": ("normalise", "empty conversation"),
         "no_assistant": ("normalise", "no assistant message"),
         "too_long_turn": ("filter:length", "1500"),
-        "low_quality": ("filter:quality", "boilerplate phrase 'as an ai language model'"),
+        "low_quality": ("filter:quality", "boilerplate phrase 'as an ai language model, i cannot'"),
         "french": ("filter:language", "language 'fr'"),
     }
     for key, (stage, fragment) in expected.items():

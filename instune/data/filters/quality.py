@@ -7,6 +7,10 @@ letter; below that a message is too short for ratios to mean anything, and short
 ("12", '{"a": 1}', a list of numbers) pass. Gopher's thresholds target web pages; the defaults in
 `QualityFilterConfig` are looser, set so list-like instruction answers (Alpaca seed tasks) pass while
 degenerate loops and pasted junk do not.
+
+Chat answers hold code, tables and lists, which repeat lines and tokens by design; with
+`skip_code_and_tables` the repetition rules judge only the text outside fenced code blocks and table rows,
+with list markers removed (`repetition_text`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,36 @@ def refusal_phrase(text: str, phrases: list[str]) -> str | None:
         if _normalise_phrase(phrase) in normalised:
             return phrase
     return None
+
+
+_FENCE_MARKS = ("```", "~~~")
+# A list item's marker at a line's start: "-", "*", "+", "1.", "2)".
+_LIST_MARKER = regex.compile(r"^[ \t]*(?:[-*+]|\d{1,3}[.)])[ \t]+", regex.M)
+
+
+def _table_row(stripped: str) -> bool:
+    """A markdown table row or separator: starts with "|", or a "---|:--:" line."""
+    return stripped.startswith("|") or (stripped.count("|") >= 1 and not stripped.strip("|-: \t"))
+
+
+def repetition_text(text: str) -> str:
+    """`text` without fenced code blocks (``` or ~~~, an unclosed one runs to the end) and table rows, and
+    with list markers removed: what the repetition rules judge in chat answers."""
+    if "```" in text or "~~~" in text or "|" in text:
+        kept, fence = [], None
+        for line in text.splitlines():
+            stripped = line.strip()
+            if fence is not None:
+                if stripped.startswith(fence):
+                    fence = None
+                continue
+            opening = next((mark for mark in _FENCE_MARKS if stripped.startswith(mark)), None)
+            if opening is not None:
+                fence = opening
+            elif not _table_row(stripped):
+                kept.append(line)
+        text = "\n".join(kept)
+    return _LIST_MARKER.sub("", text)
 
 
 def duplicate_line_char_fraction(text: str) -> float:
@@ -157,6 +191,7 @@ def text_quality_problem(
     max_top_ngram_char_fraction: dict[int, float],
     max_duplicate_ngram_char_fraction: dict[int, float],
     refusal_phrases: list[str],
+    skip_code_and_tables: bool = False,
 ) -> str | None:
     """The first heuristic `text` fails, as a short phrase, else None."""
     phrase = refusal_phrase(text, refusal_phrases)
@@ -181,6 +216,10 @@ def text_quality_problem(
     non_alpha = 1 - len(prose) / len(words)
     if non_alpha > max_non_alpha_word_fraction:
         return f"{non_alpha:.0%} of words have no letter, above {max_non_alpha_word_fraction:.0%}"
+    if skip_code_and_tables:
+        text = repetition_text(text)
+        if len(_PROSE_WORD.findall(text)) < min_words:  # too little prose left for repetition ratios
+            return None
     duplicate_lines = duplicate_line_char_fraction(text)
     if duplicate_lines > max_duplicate_line_char_fraction:
         limit = max_duplicate_line_char_fraction

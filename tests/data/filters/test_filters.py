@@ -93,11 +93,9 @@ def test_default_filters_keep_most_real_sharegpt_conversations():
     records = sharegpt_records()
     kept, rejects = split_records(records, build_checks(FilterConfig()))
     assert len(records) == 500
-    assert len(kept) >= 0.95 * len(records)
-    assert len(kept) + len(rejects) == len(records)
-    # What is dropped is the "As a language model, I ..." disclaimer, nothing else.
-    assert {r["stage"] for r in rejects} <= {"filter:quality"}
-    assert all("as a language model" in r["reason"] for r in rejects)
+    # All are kept: the 12 identity answers ("As a language model, I go by the name Vicuna...") are not
+    # refusals, and the chat defaults leave code and tables out of the repetition rules.
+    assert len(kept) == len(records) and rejects == []
 
 
 def test_default_filters_keep_real_alpaca_seed_answers():

@@ -48,7 +48,7 @@ def test_number_lists_and_worked_arithmetic_are_not_judged_by_word_rules():
 def test_refusal_phrase_is_caught_in_any_length_and_casing():
     record = conversation("Sure, 4.", "As an AI  language model, I cannot browse the web.")
     assert check_quality(record, **DEFAULTS) == (
-        "assistant message 3: contains the boilerplate phrase 'as an ai language model'"
+        "assistant message 3: contains the boilerplate phrase 'as an ai language model, i cannot'"
     )
     curly = "I\u2019m sorry, but I cannot help with that."
     assert problem(curly) == "contains the boilerplate phrase 'i'm sorry, but i cannot'"
@@ -163,3 +163,53 @@ def test_prose_words_are_the_words_with_a_letter():
     text = "Étude 12 x=3 ½ ⅻ ² naïve\t{\"a\": 1}\n\n--- 9b ... 你好 _ a_b 3.14 Ⅻ"
     assert _PROSE_WORD.findall(text) == [w for w in text.split() if any(ch.isalpha() for ch in w)]
     assert len(_PROSE_WORD.findall("1" * 200_000 + " a")) == 1  # a long run without letters stays linear
+
+
+# ---- chat-data defaults: refusals only, code / tables / lists out of the repetition rules
+
+USERS = [(1, "Ann"), (2, "Bob"), (3, "Cid"), (4, "Dee"), (5, "Eve"), (6, "Fay"), (7, "Gus"), (8, "Hal")]
+CODE_ANSWER = (
+    "Here is a script that creates the table and fills it with the sample users you listed, one row each.\n\n"
+    "```sql\nCREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT UNIQUE);\n"
+    + "\n".join(f"INSERT INTO users (id, name, email) VALUES ({i}, '{n}', '{n.lower()}@example.com');"
+                for i, n in USERS)
+    + "\n```\n\nRun it once against an empty database; the unique constraint on the email column makes a "
+    "second run fail instead of adding the same users twice."
+)
+SHIFTS = [("Ann", "early shift", "late shift"), ("Bob", "late shift", "early shift"),
+          ("Cid", "early shift", "late shift"), ("Dee", "late shift", "early shift"),
+          ("Eve", "early shift", "late shift"), ("Fay", "late shift", "early shift")]
+TABLE_ANSWER = (
+    "Here is the weekly schedule for the team, with the shift each person covers on each working day.\n\n"
+    "| name | Monday | Tuesday | Wednesday | Thursday | Friday |\n|---|---|---|---|---|---|\n"
+    + "\n".join(f"| {name} | {a} | {a} | {b} | {a} | {b} |" for name, a, b in SHIFTS)
+    + "\n\nEveryone works both kinds of shift each week, so nobody is stuck with only late evenings for the month."
+)
+
+
+def test_code_blocks_and_tables_are_left_out_of_repetition_rules():
+    # Without the chat defaults both fall to Gopher's repetition rules, though nothing in them is degenerate.
+    web = {**DEFAULTS, "skip_code_and_tables": False}
+    assert text_quality_problem(CODE_ANSWER, **web) == "repeated 7-grams cover 32% of characters, above 25%"
+    assert text_quality_problem(TABLE_ANSWER, **web) == "repeated 5-grams cover 45% of characters, above 30%"
+    assert DEFAULTS["skip_code_and_tables"] is True
+    assert problem(CODE_ANSWER) is None and problem(TABLE_ANSWER) is None
+    # A degenerate loop outside the code block is still caught.
+    loop = CODE_ANSWER + "\n" + "I think the answer is correct and complete. " * 12
+    assert problem(loop) == "repeated 5-grams cover 60% of characters, above 30%"
+
+
+def test_repetition_text_drops_fences_tables_and_list_markers():
+    from instune.data.filters.quality import repetition_text
+
+    text = "intro\n```js\nx();\nx();\n```\nmid\n~~~\nunclosed\n| a | b |\n|:-:|---|\n- one\n2) two\n  * three"
+    assert repetition_text(text) == "intro\nmid"
+    assert repetition_text("- one\n2) two\n  * three\n3.5 is a number") == "one\ntwo\nthree\n3.5 is a number"
+
+
+def test_refusals_are_rejected_and_identity_answers_are_kept():
+    identity = "As a language model, I go by the name Vicuna and was trained by researchers from LMSYS."
+    assert problem(identity) is None
+    assert problem("As an AI language model, I don't have opinions, but here are both sides.") is None
+    assert problem("As an AI language model, I can't browse the internet.") == \
+        "contains the boilerplate phrase 'as an ai language model, i can't'"
