@@ -353,6 +353,9 @@ class ScalingConfig(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Seconds a placement group (a Train run's workers) may wait for resources while nothing else is placed
+    # or freed before the run ends naming what holds them (instune/ray_waits.py); 0 waits without a limit.
+    resource_wait_s: float = Field(300, ge=0)
 
 
 class StrategyConfig(Strict):

@@ -11,38 +11,12 @@ is complete). The base model stays in the scratch directory.
 
 from __future__ import annotations
 
-import math
-import os
-import sys
 from pathlib import Path
 
 from instune import storage
 from instune.config import ExperimentConfig, write_resolved_config
 from instune.errors import UserError
-
-
-def start_ray(scaling=None, dashboard: bool = False) -> None:
-    """Join the cluster named by RAY_ADDRESS (a Ray job), or start a local one.
-
-    A local cluster gets at least one logical CPU more than the training workers reserve: otherwise, on a
-    2-core laptop, two 1-CPU workers leave Ray Data no CPU to read their shards with, and the run hangs.
-    `dashboard` starts the dashboard too: its state API is how Ray Train's placement-group cleaner learns that
-    the trial actor running a Train run is gone (a trial ASHA stopped), and frees the run's CPUs.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs = {}
-    if "RAY_ADDRESS" not in os.environ:
-        needed = math.ceil(scaling.num_workers * scaling.cpus_per_worker) + 1 if scaling else 1
-        # address "local": start our own even when a `ray start` cluster runs here (ray.init would join it).
-        kwargs = {"address": "local", "num_cpus": max(os.cpu_count() or 1, needed), "include_dashboard": dashboard}
-    ray.init(log_to_driver=True, **kwargs)
-    import ray.data
-
-    # Bars redrawn into a log file are noise; our own one-line progress messages remain.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+from instune.ray_runtime import start_ray
 
 
 def work_dir(config: ExperimentConfig) -> Path:
@@ -145,7 +119,7 @@ def prepare_stage(config: ExperimentConfig) -> dict:
 
         eval_texts = ["\n".join(m["content"] for m in split_prompt(r["messages"])[0])
                       for s in load_eval_sets(config) for r in s.records]
-    start_ray(config.scaling)
+    start_ray(config.scaling, work_dir(config))
     check_scratch_reachable(config, "prepare's Ray Data tasks write the data")
     manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts, model_path=model_path)
     # Published with the manifest last: readers (load_manifest) take a prefix without it for unfinished.
@@ -192,7 +166,7 @@ def train_stage(config: ExperimentConfig):
                         "before training)")
     run = training_run(config, model_path, rows=0 if config.data.stream else manifest["splits"]["train"]["rows"])
     check_training_plan(run.loop, packed=config.data.pack)
-    start_ray(config.scaling)
+    start_ray(config.scaling, work_dir(config))
     if config.model.path is None:
         check_scratch_reachable(config, "the training workers load the embedded base model")
     if config.data.stream:
@@ -255,7 +229,7 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
     e = config.eval
     settings = eval_settings(config.model, e)
     print(f"[eval] {label}: {sum(len(s.records) for s in sets)} examples in {len(sets)} sets", flush=True)
-    start_ray(config.scaling)
+    start_ray(config.scaling, work_dir(config))
     if any(Path(path).resolve().is_relative_to(work_dir(config).resolve()) for path in (model_path, base_path) if path):
         check_scratch_reachable(config, "the eval actors load the model")
     results, predictions = evaluate_with_ray(model_path, sets, settings, num_actors=e.num_actors,
@@ -357,7 +331,7 @@ def sweep_stage(config: ExperimentConfig):
 
     check_sweep(config, config.model_dump(mode="json"))
     check_inputs(config)
-    start_ray(config.scaling, dashboard=True)
+    start_ray(config.scaling, work_dir(config), dashboard=True)
     check_scratch_reachable(config, "the sweep's trials read their data and write their files")
     data_dir = output_paths(config)["data"]
     data = published(config, data_dir)

@@ -1,0 +1,149 @@
+"""start_ray with another cluster's leftovers on the machine: a stale current-cluster file, a live `ray start`
+head. Real Ray clusters, each under its own RAY_TMPDIR, so Ray's current-cluster file here is the test's own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from instune import ray_runtime
+from instune.config import ScalingConfig
+from instune.errors import UserError
+from instune.ray_runtime import start_ray, stop_ray, unused_port
+
+ONE_WORKER = ScalingConfig(num_workers=1)
+
+
+@pytest.fixture
+def ray_tmpdir(monkeypatch):
+    """A RAY_TMPDIR of the test's own (short: Ray's socket paths under it must stay under 108 bytes); Ray's
+    current-cluster file is then <it>/ray/ray_current_cluster."""
+    directory = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    (directory / "ray").mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(directory))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_runtime, "options", ray_runtime.RayOptions())
+    yield directory
+    stop_ray()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def live_head(ray_tmpdir: Path, num_cpus: int = 1):
+    """`ray start --head` on free ports, recorded in the current-cluster file as a user's would be; its
+    processes are ended by pid afterwards (`ray stop` would stop every Ray on the machine)."""
+    port = unused_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
+         "--temp-dir", str(ray_tmpdir / "ray"), "--include-dashboard", "false", "--disable-usage-stats",
+         "--ray-client-server-port", str(unused_port()), "--dashboard-agent-listen-port", str(unused_port()),
+         "--metrics-export-port", str(unused_port())],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        recorded = ray_tmpdir / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not (recorded.is_file() and ray_runtime.answers(recorded.read_text().strip())):
+            assert head.poll() is None and time.monotonic() < deadline, "the second head did not start"
+            time.sleep(0.5)
+        yield recorded.read_text().strip()
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in psutil.Process(head.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+
+
+def what_a_worker_sees():
+    """(RAY_ADDRESS, the state of the asking actor by the state API) inside a Ray actor: the lookup Ray
+    Train's placement-group cleaner makes for its controller."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def look_up(self):
+            from ray.util.state import get_actor
+
+            found = get_actor(ray.get_runtime_context().get_actor_id(), timeout=20)
+            return os.environ.get("RAY_ADDRESS"), found.state if found else None
+
+    return ray.get(Probe.remote().look_up.remote(), timeout=120)
+
+
+def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path, capsys):
+    import ray
+
+    dead = f"127.0.0.1:{unused_port()}"
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
+    start_ray(ONE_WORKER, tmp_path / "out", dashboard=True)
+    lines = capsys.readouterr().out.splitlines()
+    address = ray.get_runtime_context().gcs_address
+    assert lines == [
+        f"[ray] ignoring {ray_tmpdir}/ray/ray_current_cluster: it names {dead}, where no Ray cluster answers "
+        "(left behind by one that is gone)",
+        f"[ray] started a private Ray cluster at {address} with {ray_runtime.cpus_for(ONE_WORKER)} CPUs; "
+        f"Ray's logs: {tmp_path / 'out' / 'logs' / 'ray.log'}"]
+    # Inside a worker, the state API finds this cluster's actor (through the stale file it would ask the dead
+    # address, and fail, as Ray Train's placement-group cleaner did).
+    assert what_a_worker_sees() == (address, "ALIVE")
+    assert os.environ["RAY_ADDRESS"] == address
+    stop_ray()
+    assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
+    # Ray's own start-up lines went to the log file, not the console.
+    assert "Started a local Ray instance" in (tmp_path / "out" / "logs" / "ray.log").read_text()
+
+
+@pytest.mark.slow
+def test_beside_a_live_head_a_private_cluster_by_default_and_the_head_with_join(ray_tmpdir, tmp_path, capsys):
+    import ray
+
+    with live_head(ray_tmpdir, num_cpus=1) as head:
+        start_ray(ONE_WORKER, tmp_path / "private", dashboard=True)
+        private = ray.get_runtime_context().gcs_address
+        assert private != head
+        assert capsys.readouterr().out.splitlines() == [
+            f"[ray] started a private Ray cluster at {private} with {ray_runtime.cpus_for(ONE_WORKER)} CPUs, "
+            f"beside the one at {head} (--join runs there instead); "
+            f"Ray's logs: {tmp_path / 'private' / 'logs' / 'ray.log'}"]
+        # The head is named in the current-cluster file, but workers look up the private cluster.
+        assert what_a_worker_sees() == (private, "ALIVE")
+        stop_ray()
+
+        ray_runtime.options = ray_runtime.RayOptions(join=True)
+        start_ray(ONE_WORKER, tmp_path / "joined")
+        assert ray.get_runtime_context().gcs_address == head
+        assert ray.cluster_resources()["CPU"] == 1
+        assert capsys.readouterr().out.splitlines() == [
+            f"[ray] joined the Ray cluster at {head} (--join; without it a command starts a private one); "
+            f"Ray's logs: {tmp_path / 'joined' / 'logs' / 'ray.log'}"]
+        stop_ray()
+
+
+def test_join_without_a_live_cluster_is_a_one_line_error(ray_tmpdir, tmp_path):
+    import ray
+
+    ray_runtime.options = ray_runtime.RayOptions(join=True)
+    with pytest.raises(UserError, match=r"--join: no Ray cluster runs on this machine \(.*ray_current_cluster "
+                                        r"does not exist\)"):
+        start_ray(ONE_WORKER, tmp_path)
+    dead = f"127.0.0.1:{unused_port()}"
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
+    with pytest.raises(UserError, match=f"names {dead}, where none answers"):
+        start_ray(ONE_WORKER, tmp_path)
+    assert not ray.is_initialized()
