@@ -429,6 +429,10 @@ class EvalConfig(Strict):
     seed: int = 0
     # Ray Data actors, each holding one copy of the model (one GPU each when scaling.use_gpu).
     num_actors: int = Field(1, gt=0)
+    # Negative-aware training's success marker (data.outcome_markers' text, where training put it) in every
+    # eval prompt. Unset: "success" when data.outcome_markers is set, since the model learned answers
+    # conditioned on a marker, else "none". The report says which; `instune run` adds a row without it.
+    outcome_marker: Literal["success", "none"] | None = None
 
 
 # ---------------------------------------------------------------- sweep
@@ -553,6 +557,13 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig | None = None
     dpo: PreferenceConfig = PreferenceConfig()
+
+    @model_validator(mode="after")
+    def _marker_has_text(self):
+        if self.eval.outcome_marker == "success" and self.data.outcome_markers is None:
+            raise ValueError("eval.outcome_marker: success needs data.outcome_markers (the marker's text and "
+                             "position); set it, or use none")
+        return self
 
     @model_validator(mode="after")
     def _preference_settings_fit(self):

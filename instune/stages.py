@@ -214,9 +214,34 @@ def load_eval_sets(config: ExperimentConfig):
     return sets
 
 
-def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
+def eval_prompt_marker(config: ExperimentConfig):
+    """The outcome markers whose success text every eval prompt carries, or None (eval/outcome_marker.py)."""
+    from instune.eval.outcome_marker import eval_marker
+
+    markers = config.data.outcome_markers
+    return eval_marker(markers.model_dump() if markers else None, config.eval.outcome_marker)
+
+
+def marker_report_sections(config: ExperimentConfig, with_marker=None, without=None) -> list:
+    """The report's note on the eval prompts' outcome marker, and the with/without table when given."""
+    from instune.eval.outcome_marker import marker_sections
+
+    return marker_sections(eval_prompt_marker(config), config.data.outcome_markers is not None, with_marker, without)
+
+
+def prompt_sets(config: ExperimentConfig, with_marker: bool = True):
+    """(the eval sets as the model is asked them, the markers whose success text their prompts carry or None)."""
+    from instune.eval.outcome_marker import with_success_marker
+
+    sets = load_eval_sets(config)
+    markers = eval_prompt_marker(config) if with_marker else None
+    return (with_success_marker(sets, markers) if markers is not None else sets), markers
+
+
+def eval_stage(config: ExperimentConfig, model_path: str, label: str, with_marker: bool = True) -> list:
     """Evaluate a model or adapter directory in a Ray Data actor pool; writes eval/<label>.json and
-    eval/<label>_predictions.jsonl and returns the SetResults."""
+    eval/<label>_predictions.jsonl and returns the SetResults. The prompts carry the success marker where
+    the config asks for it (eval_prompt_marker), unless `with_marker` is False (the ablation)."""
     import json
 
     from instune.atomic import write_json, write_text
@@ -224,11 +249,12 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
     from instune.eval.load import is_adapter_dir
     from instune.eval.pool import evaluate_with_ray
 
-    sets = load_eval_sets(config)
+    sets, markers = prompt_sets(config, with_marker)
     base_path = base_model(config)[0] if is_adapter_dir(model_path) else None
     e = config.eval
     settings = eval_settings(config.model, e)
-    print(f"[eval] {label}: {sum(len(s.records) for s in sets)} examples in {len(sets)} sets", flush=True)
+    marked = f", prompts with the success marker \"{markers.success}\"" if markers else ""
+    print(f"[eval] {label}: {sum(len(s.records) for s in sets)} examples in {len(sets)} sets{marked}", flush=True)
     start_ray(config.scaling, work_dir(config))
     if any(Path(path).resolve().is_relative_to(work_dir(config).resolve()) for path in (model_path, base_path) if path):
         check_scratch_reachable(config, "the eval actors load the model")
@@ -243,10 +269,10 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str) -> list:
 
 def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, data: bool = True,
                      metrics_file: Path | None = None, before=None, after=None, before_label: str = "base",
-                     after_label: str = "tuned") -> Path:
-    """Write out_dir/report.html (self-contained) and report.md: eval results, learning curves from
-    `metrics_file`, the data report when `data`, and the config; returns the HTML path (published with the
-    rest when output_dir is a URI)."""
+                     after_label: str = "tuned", first_sections: list | None = None) -> Path:
+    """Write out_dir/report.html (self-contained) and report.md: `first_sections`, eval results, learning
+    curves from `metrics_file`, the data report when `data`, and the config; returns the HTML path (published
+    with the rest when output_dir is a URI)."""
     from instune.config import config_to_yaml
     from instune.report.document import write_report
     from instune.report.sections import run_sections
@@ -254,7 +280,7 @@ def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, dat
     sections = run_sections(config_to_yaml(config), data_dir=output_paths(config)["data"] if data else None,
                             metrics_file=metrics_file, before=before, after=after, before_label=before_label,
                             after_label=after_label)
-    report = write_report(out_dir, title, sections)
+    report = write_report(out_dir, title, (first_sections or []) + sections)
     images = out_dir / f"{report.html.stem}_images"
     for local in ([images] if images.is_dir() else []) + [report.markdown, report.html]:
         publish(config, local)
@@ -285,7 +311,8 @@ def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
         before, results = results, None
     report = write_report_for(config, output_paths(config)["eval"], f"{config.name}: eval of {model_path}",
                               data=False, before=before, after=results,
-                              before_label="base" if results else "model", after_label="model")
+                              before_label="base" if results else "model", after_label="model",
+                              first_sections=marker_report_sections(config))
     print(markdown_table(*per_set_rows(before, results)) + "\n\n" + markdown_table(*summary_rows(before, results)))
     print(f"report: {published(config, report)}")
     return report
@@ -302,6 +329,9 @@ def run_all(config: ExperimentConfig) -> dict:
     outputs = train_stage(config)
     # Prefix/prompt tuning has no merged model; eval loads the adapter on the base.
     after = eval_stage(config, str(outputs.merged_dir or outputs.adapter_dir), "tuned") if config.eval.sets else []
+    # With the success marker in the prompts, the tuned model once more without it: what the marker is worth.
+    without_marker = eval_stage(config, str(outputs.merged_dir or outputs.adapter_dir), "tuned_no_marker",
+                                with_marker=False) if config.eval.sets and eval_prompt_marker(config) else None
     from instune.atomic import write_text
     from instune.report.document import markdown_table
 
@@ -310,7 +340,9 @@ def run_all(config: ExperimentConfig) -> dict:
         table = markdown_table(*per_set_rows(before, after)) + "\n\n" + markdown_table(*summary_rows(before, after))
         publish(config, write_text(output_paths(config)["eval"] / "before_after.md", table + "\n"))
     report = write_report_for(config, work_dir(config), f"{config.name}: run",
-                              metrics_file=outputs.metrics_file, before=before, after=after)
+                              metrics_file=outputs.metrics_file, before=before, after=after,
+                              first_sections=marker_report_sections(config, after, without_marker)
+                              if config.eval.sets else None)
     print()
     print(table)
     print()

@@ -73,6 +73,7 @@ NOT_IN_EVAL_SETTINGS = {
     "eval.sets": "the stages read the records (stages.load_eval_sets)",
     "eval.max_examples": "the stages cut each set to it (stages.load_eval_sets)",
     "eval.num_actors": "the size of the Ray Data actor pool (pool.evaluate_with_ray)",
+    "eval.outcome_marker": "the stages put the success marker in the eval prompts (eval/outcome_marker.py)",
 }
 
 
