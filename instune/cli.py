@@ -1,6 +1,7 @@
 """`instune SUBCOMMAND CONFIG [--set KEY=VALUE ...]`: one subcommand per stage, `run` for all of them.
 
-User mistakes (UserError) print one line and exit 2, with no traceback.
+User mistakes (UserError) print one line and exit 2, with no traceback; a run stuck waiting for resources
+that cannot come exits 3 after one line (instune/ray_waits.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def parse_args(argv):
         p.add_argument("config", help="experiment YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by dotted path, e.g. --set train.lr=2e-4")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show Ray's own log lines on the console too (always in OUTPUT_DIR/logs/ray.log)")
+        p.add_argument("--join", action="store_true",
+                       help="run on the Ray cluster started on this machine with `ray start` (default: start a "
+                            "private one; RAY_ADDRESS always joins the cluster it names)")
         if name == "eval":
             p.add_argument("--model", help="model or PEFT adapter directory to evaluate (default: the run's "
                                            "merged model); an adapter loads on the config's base model")
@@ -37,8 +43,10 @@ def dispatch(args) -> int | None:
         from instune.jobs import dispatch_job_command
 
         return dispatch_job_command(args)
-    from instune import stages
+    from instune import ray_runtime, stages
     from instune.config import load_config
+
+    ray_runtime.options = ray_runtime.RayOptions(join=args.join, verbose=args.verbose)
 
     config = load_config(args.config, args.overrides)
     if args.command == "prepare":
@@ -60,12 +68,21 @@ def dispatch(args) -> int | None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from instune import ray_waits
+
     try:
         exit_code = dispatch(args)
     except UserError as e:
         print(f"instune: error: {e}", file=sys.stderr)
         return 2
-    return exit_code or 0
+    except BaseException:
+        # ray_waits interrupts (KeyboardInterrupt) a run that waits for resources that cannot come, after
+        # printing its line; Ray Train then aborts its run, which may raise anything, or exit.
+        if ray_waits.stuck() is None:
+            raise
+        return 3
+    # Tune takes the interrupt as a request to end the sweep early, and returns.
+    return 3 if ray_waits.stuck() is not None else exit_code or 0
 
 
 if __name__ == "__main__":
