@@ -32,6 +32,13 @@ def parse_args(argv):
         if name == "eval":
             p.add_argument("--model", help="model or PEFT adapter directory to evaluate (default: the run's "
                                            "merged model); an adapter loads on the config's base model")
+    chat = sub.add_parser("chat", help="talk to a model or tuned adapter, or answer a JSONL file of prompts")
+    chat.add_argument("model", help="merged model or PEFT adapter: a directory, a Hub id or s3:// / gs:// URI")
+    chat.add_argument("--prompts", help="JSONL of prompts to answer instead of talking (see instune/chat.py)")
+    chat.add_argument("--output", help="where to write the answered prompts as JSONL (default: stdout)")
+    chat.add_argument("--config", help="experiment YAML whose model and chat sections apply")
+    chat.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a model.* or chat.* setting, e.g. --set chat.max_new_tokens=512")
     from instune.jobs import add_job_commands
 
     add_job_commands(sub)
@@ -43,6 +50,12 @@ def dispatch(args) -> int | None:
         from instune.jobs import dispatch_job_command
 
         return dispatch_job_command(args)
+    if args.command == "chat":
+        from instune.chat import chat_command
+        from instune.config import load_chat_config
+
+        model_config, chat_config = load_chat_config(args.config, args.overrides)
+        return chat_command(args.model, model_config, chat_config, args.prompts, args.output)
     from instune import ray_runtime, stages
     from instune.config import load_config
 

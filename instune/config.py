@@ -435,6 +435,21 @@ class EvalConfig(Strict):
     outcome_marker: Literal["success", "none"] | None = None
 
 
+class ChatConfig(Strict):
+    """`instune chat`: how the model answers. Greedy unless do_sample, as in eval; the sampling settings
+    apply only then."""
+
+    max_new_tokens: int = Field(256, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+    # Prompts per generate call when answering a prompts file.
+    batch_size: int = Field(8, gt=0)
+    # A system message before every conversation (a prompts-file line's own "system" wins); unset: none.
+    system: str | None = None
+
+
 # ---------------------------------------------------------------- sweep
 
 
@@ -555,6 +570,7 @@ class ExperimentConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     strategy: StrategyConfig = StrategyConfig()
     eval: EvalConfig = EvalConfig()
+    chat: ChatConfig = ChatConfig()
     sweep: SweepConfig | None = None
     dpo: PreferenceConfig = PreferenceConfig()
 
@@ -664,6 +680,26 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if isinstance(tree.get("output_dir"), str):
         tree = interpolate_output_dir(tree, tree["output_dir"])
     return validate_config(tree, str(path))
+
+
+def load_chat_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+                     ) -> tuple[ModelConfig, ChatConfig]:
+    """`instune chat`'s settings: the model and chat sections of an experiment file, or without one the
+    defaults with `--set model.*` / `--set chat.*` applied. Raises UserError."""
+    if path is not None:
+        config = load_config(path, overrides)
+        return config.model, config.chat
+    tree: dict = {"model": {}, "chat": {}}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] not in tree:
+            raise UserError(f"--set {text}: without --config only model.* and chat.* settings apply")
+        _set_path(tree, key, value, "instune chat")
+    try:
+        return ModelConfig.model_validate(tree["model"]), ChatConfig.model_validate(tree["chat"])
+    except ValidationError as e:
+        section = "model" if e.title == "ModelConfig" else "chat"
+        raise UserError("--set: " + "; ".join(f"{section}.{_describe(err)}" for err in e.errors())) from None
 
 
 def config_to_yaml(config: ExperimentConfig) -> str:

@@ -1,0 +1,128 @@
+"""`instune chat` over a JSONL of prompts on the embedded model (scaled down): the answers are eval's
+generations for the same prompts, later turns see earlier answers, an adapter answers as its merged model
+does, and bad prompt lines are one-line errors naming the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instune.cli import main
+
+QUESTIONS = ["What is 2 + 3?", "Reverse the list [1, 2, 3].", "Convert 2 km to m."]
+
+
+@pytest.fixture(scope="module")
+def embedded_model(tmp_path_factory) -> Path:
+    """The embedded default model as `instune` builds it (base_model.py), with small dimensions."""
+    from instune.base_model import resolve_base_model
+    from instune.config import EmbeddedModelConfig, ModelConfig
+
+    embedded = EmbeddedModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320,
+                                   max_position_embeddings=128)
+    model, _ = resolve_base_model(ModelConfig(embedded=embedded), tmp_path_factory.mktemp("run"))
+    return Path(model)
+
+
+@pytest.fixture(scope="module")
+def adapter_and_merged(embedded_model, tmp_path_factory) -> tuple[Path, Path]:
+    """A LoRA adapter with non-zero weights on the embedded model (its tokenizer saved beside it), and the
+    same adapter merged into a full model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tuned")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(embedded_model)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+    peft_model.save_pretrained(str(root / "adapter"))
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model))
+    tokenizer.save_pretrained(str(root / "adapter"))
+    peft_model.merge_and_unload().save_pretrained(str(root / "merged"), safe_serialization=True)
+    tokenizer.save_pretrained(str(root / "merged"))
+    return root / "adapter", root / "merged"
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def chat_file(model: Path, prompts: Path, output: Path, *options: str) -> list[dict]:
+    assert main(["chat", str(model), "--prompts", str(prompts), "--output", str(output),
+                 "--set", "chat.max_new_tokens=6", *options]) == 0
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def test_answers_are_evals_generations_and_later_turns_see_earlier_answers(embedded_model, tmp_path):
+    from instune.eval.evaluate import EvalSet, EvalSettings, evaluate_in_process
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": QUESTIONS[0], "id": 7},
+        {"instruction": "Reverse the list.", "input": "[1, 2, 3]"},
+        {"messages": [{"role": "user", "content": QUESTIONS[2]}]},
+        {"turns": [QUESTIONS[0], QUESTIONS[1]], "system": "Answer briefly."},
+    ])
+    out = chat_file(embedded_model, prompts, tmp_path / "answers.jsonl")
+
+    assert len(out) == 4 and out[0]["id"] == 7  # every line back, in order, with its own fields
+    assert [len(line["responses"]) for line in out] == [1, 1, 1, 2]
+    # The same prompts through eval's generation, greedy, the same number of new tokens.
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "-"}]}
+               for q in (QUESTIONS[0], "Reverse the list.\n\n[1, 2, 3]", QUESTIONS[2])]
+    _, predictions = evaluate_in_process(str(embedded_model), [EvalSet("s", "d", "in_domain", records)],
+                                         EvalSettings(max_length=256, max_new_tokens=6, batch_size=8))
+    assert [line["responses"][0] for line in out[:3]] == [p["prediction"].strip() for p in predictions]
+
+    multi = out[3]["messages"]
+    assert [m["role"] for m in multi] == ["system", "user", "assistant", "user", "assistant"]
+    assert [multi[2]["content"], multi[4]["content"]] == out[3]["responses"]
+    assert multi[1]["content"] == QUESTIONS[0] and multi[3]["content"] == QUESTIONS[1]
+    assert multi[0] == {"role": "system", "content": "Answer briefly."}
+
+
+def test_an_adapter_answers_as_its_merged_model_does(adapter_and_merged, embedded_model, tmp_path):
+    adapter, merged = adapter_and_merged
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    from_adapter = chat_file(adapter, prompts, tmp_path / "adapter.jsonl")
+    from_merged = chat_file(merged, prompts, tmp_path / "merged.jsonl")
+    from_base = chat_file(embedded_model, prompts, tmp_path / "base.jsonl")
+    assert [r["responses"] for r in from_adapter] == [r["responses"] for r in from_merged]
+    assert [r["responses"] for r in from_adapter] != [r["responses"] for r in from_base]
+
+
+def test_bad_prompt_lines_and_settings_are_one_line_errors(embedded_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    assert main(["chat", str(embedded_model), "--prompts", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"instune: error: --prompts: {bad} line 2: the last message is from assistant; end with a user turn"
+
+    assert main(["chat", str(embedded_model), "--set", "train.lr=1"]) == 2
+    assert "without --config only model.* and chat.* settings apply" in capsys.readouterr().err
+    assert main(["chat", str(embedded_model), "--set", "chat.top_p=2"]) == 2
+    assert capsys.readouterr().err.startswith("instune: error: --set: chat.top_p: Input should be less than")
+    assert main(["chat", str(tmp_path / "missing"), "--prompts", str(bad)]) == 2
+    assert "MODEL:" in capsys.readouterr().err
+
+
+def test_interactive_chat_keeps_the_conversation_until_reset(embedded_model):
+    from instune.chat import interact
+    from instune.eval.evaluate import EvalSettings
+    from instune.eval.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(embedded_model), None, "float32", "cpu")
+    settings = EvalSettings(max_length=256, max_new_tokens=4, batch_size=1)
+    typed = iter([QUESTIONS[0], QUESTIONS[1], "/reset", QUESTIONS[0], "/exit", "never read"])
+    shown = []
+    assert interact(model, tokenizer, settings, None, read=lambda _: next(typed), write=shown.append) == 3
+    answers = [line.removeprefix("model> ") for line in shown if line.startswith("model> ")]
+    assert len(answers) == 3
+    # After /reset the same first question gets the same (greedy) answer as at the start.
+    assert answers[2] == answers[0]
+    assert next(typed) == "never read"
