@@ -73,6 +73,7 @@ NOT_IN_RUN_SETTINGS = {
     "model.max_length": "the data stage packs or cuts rows to it; the loop takes rows as they come",
     "train.epochs": "steps_for turns it into the loop's total_steps",
     "train.max_steps": "steps_for turns it into the loop's total_steps",
+    "scaling.resource_wait_s": "start_ray watches the placement groups' wait with it (instune/ray_runtime.py)",
     "train.objective": "not read yet: the loop trains sft only until the preference losses are wired in",
 }
 
