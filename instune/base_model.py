@@ -38,6 +38,26 @@ def check_model_dir(path: str, field: str = "model.path") -> Path:
 
 
 def resolve_base_model(model_config, output_dir: str | Path) -> tuple[str, str]:
+    """(model source, tokenizer source): `resolve_model_sources`, with the tokenizer's chat template checked.
+
+    With `model.chat_template`, the tokenizer is a copy under `output_dir/tokenizer` carrying that template
+    (chat_template.tokenizer_with_template); without it, a tokenizer that has no template is refused here.
+    """
+    from instune.data.chat_template import has_chat_template, read_template, tokenizer_with_template
+    from instune.model_source import local_model_dir
+
+    model, tokenizer = resolve_model_sources(model_config, output_dir)
+    local = local_model_dir(tokenizer, "model.tokenizer_path" if model_config.tokenizer_path else "model.path")
+    if model_config.chat_template:
+        return model, tokenizer_with_template(local, read_template(model_config.chat_template),
+                                              Path(output_dir) / "tokenizer")
+    if not has_chat_template(local):
+        raise UserError(f"model.chat_template: the tokenizer at {tokenizer} has no chat template; set "
+                        "model.chat_template to a bundled template (chatml, llama3, ...) or a .jinja file")
+    return model, tokenizer
+
+
+def resolve_model_sources(model_config, output_dir: str | Path) -> tuple[str, str]:
     """(model source, tokenizer source), building the embedded default under `output_dir/base_model` if unset.
 
     A local directory comes back resolved; a Hub id or a bucket URI comes back as it is, after this node has

@@ -50,6 +50,10 @@ class ModelConfig(Strict):
     path: str | None = None
     # Defaults to `path` (or the embedded tokenizer).
     tokenizer_path: str | None = None
+    # The chat template, for a tokenizer that has none (a base model) or to replace its own: a bundled template's
+    # name (chatml, llama3, ...; see instune/data/chat_templates/) or a path to a .jinja file. Unset uses the
+    # tokenizer's template; a tokenizer without one is refused.
+    chat_template: str | None = None
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     # Tokens per training sequence (and per packed bin).
     max_length: int = Field(256, gt=8)
@@ -60,6 +64,15 @@ class ModelConfig(Strict):
     # first steps, so short runs gain little.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     gradient_checkpointing: bool = False
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, v):
+        if v is not None:
+            from instune.data.chat_template import read_template
+
+            read_template(v)  # a ValueError names what is missing
+        return v
 
 
 # ---------------------------------------------------------------- data
@@ -283,6 +296,10 @@ class DataConfig(Strict):
     outcome_markers: OutcomeMarkerConfig | None = None
     # Train straight from the mix/tokenize/pack pipeline over `filtered/` instead of writing packed splits.
     stream: bool = False
+    # Join consecutive messages of the same role (two user turns in a row, common in scraped chat data) into one,
+    # with a blank line between, before the chat template renders them; counted in the data report. Off, a
+    # template that requires alternating roles (Gemma, Mistral v1-v3, Cohere) rejects such a record.
+    join_consecutive_turns: bool = False
 
     @model_validator(mode="after")
     def _unique_source_names(self):

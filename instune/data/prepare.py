@@ -14,8 +14,8 @@ every record drawn into a split is packed or dropped at tokenization (with its r
 these counts, the requested and realised mixture, and `report/` a readable report with figures.
 
 Layout: filtered/ and quarantine/ (phase 1), train/ and validation/ (packed rows), dropped/<split>/ (records
-dropped at tokenization, with reasons), report/ (report.md and figures), manifest.json; written whole or not
-at all (atomic_dir).
+dropped at tokenization, with reasons), adjusted/<split>/ (records the chat template needed an adjustment for,
+chat_template.py), report/ (report.md and figures), manifest.json; written whole or not at all (atomic_dir).
 
 Every stage of phase 1 writes its rejects straight to `quarantine/` from the task that finds them
 (instune.data.rejects) and passes only its kept records on, so reading and filtering are one streaming pass.
@@ -377,6 +377,10 @@ def draw_batch(batch: pa.Table, split: str, copies_by_source: dict[str, float], 
 
 
 DROP_SCHEMA = pa.schema([("source", pa.string()), ("id", pa.string()), ("reason", pa.string())])
+# A record the chat template needed an adjustment for (chat_template.py), one row per adjustment; `extra_examples`
+# counts the examples beyond the first that an expanded record became.
+ADJUSTED_SCHEMA = pa.schema([("source", pa.string()), ("id", pa.string()), ("adjustment", pa.string()),
+                             ("extra_examples", pa.int64())])
 # Records per tokenize-and-pack call: bins are packed within one batch, so larger batches pack fuller rows.
 TOKENIZE_BATCH_ROWS = 2048
 
@@ -387,13 +391,15 @@ class TokenizeAndPack:
     Outcome markers are added to the prompts first. Every row lists the source of each example in it.
     Records that cannot be trained on (over max_length with truncation "drop", no assistant token left after
     truncation) are written to `drops_dir` when it is given: one small Parquet file per batch, named by the
-    records in it, so a retried batch rewrites its own file rather than counting twice. Given the tokenizer's
-    `tokenizer_parts`, it never loads the tokenizer through transformers (see TokenizerParts).
+    records in it, so a retried batch rewrites its own file rather than counting twice; records the chat
+    template adjusted (expanded into several examples, a convention applied) go to `adjusted_dir` the same way.
+    Given the tokenizer's `tokenizer_parts`, it never loads the tokenizer through transformers (see TokenizerParts).
     """
 
     def __init__(self, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
                  outcome_markers: OutcomeMarkers | None = None, drops_dir: str | None = None,
-                 serial_tokenizer: bool = False, tokenizer_parts: TokenizerParts | None = None):
+                 serial_tokenizer: bool = False, tokenizer_parts: TokenizerParts | None = None,
+                 adjusted_dir: str | None = None, join_turns: bool = False):
         if serial_tokenizer:
             # With a task per CPU, the Rust tokenizer's own thread pool on top oversubscribes the cores: its
             # threads cost half again the CPU of one thread for the same batch. A lone task keeps its threads.
@@ -412,6 +418,7 @@ class TokenizeAndPack:
             self.render, self.backend = ChatRenderer(self.tokenizer), rust_tokenizer(self.tokenizer)
         self.seq_len, self.truncation, self.pack = seq_len, truncation, pack
         self.outcome_markers, self.drops_dir = outcome_markers, drops_dir
+        self.adjusted_dir, self.join_turns = adjusted_dir, join_turns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from instune.data.outcome import mark_outcome
@@ -424,21 +431,40 @@ class TokenizeAndPack:
             conversations = [mark_outcome(messages, metadata, self.outcome_markers)[0]
                              for messages, metadata in zip(conversations, batch["metadata"].to_pylist())]
         results = encode_conversations(conversations, self.tokenizer, self.seq_len, self.truncation,
-                                       self.render, self.backend)
-        examples = [(*r, source) for r, source in zip(results, sources) if not isinstance(r, TokenizeError)]
-        if len(examples) < len(results) and self.drops_dir:
+                                       self.render, self.backend, self.join_turns)
+        examples = [(*example, source) for r, source in zip(results, sources) if not isinstance(r, TokenizeError)
+                    for example in r.examples]
+        if self.drops_dir and any(isinstance(r, TokenizeError) for r in results):
             self.write_drops(batch, results)
+        if self.adjusted_dir and any(not isinstance(r, TokenizeError) and r.notes for r in results):
+            self.write_adjusted(batch, results)
         bins = pack_bins(examples, self.seq_len, self.pad_token_id) if self.pack else single_bins(examples)
         return rows_table(bins, self.seq_len, self.pad_token_id)
+
+    @staticmethod
+    def record_keys(batch: pa.Table) -> list[str]:
+        """Each record's id with its copy number: a record drawn twice into a mixture is two records here."""
+        copies = batch["copy"].to_pylist() if "copy" in batch.column_names else [0] * batch.num_rows
+        return [f"{record_id}#{copy}" for record_id, copy in zip(batch["id"].to_pylist(), copies)]
+
+    def write_adjusted(self, batch: pa.Table, results: list) -> None:
+        from instune.data.chat_template import EXPANDED
+        from instune.data.rejects import write_once
+        from instune.data.tokenize import TokenizeError
+
+        rows = [{"source": source, "id": key, "adjustment": note,
+                 "extra_examples": len(result.examples) - 1 if note == EXPANDED else 0}
+                for source, key, result in zip(batch["source"].to_pylist(), self.record_keys(batch), results)
+                if not isinstance(result, TokenizeError) for note in result.notes]
+        write_once(pa.Table.from_pylist(rows, schema=ADJUSTED_SCHEMA), self.adjusted_dir,
+                   "\n".join(sorted({r["id"] for r in rows})))
 
     def write_drops(self, batch: pa.Table, results: list) -> None:
         from instune.data.rejects import write_once
         from instune.data.tokenize import TokenizeError
 
-        copies = batch["copy"].to_pylist() if "copy" in batch.column_names else [0] * batch.num_rows
-        dropped = [(source, f"{record_id}#{copy}", str(result))
-                   for source, record_id, copy, result in zip(batch["source"].to_pylist(), batch["id"].to_pylist(),
-                                                              copies, results)
+        dropped = [(source, key, str(result))
+                   for source, key, result in zip(batch["source"].to_pylist(), self.record_keys(batch), results)
                    if isinstance(result, TokenizeError)]
         write_once(pa.Table.from_pylist([dict(zip(DROP_SCHEMA.names, d)) for d in dropped], schema=DROP_SCHEMA),
                    self.drops_dir, "\n".join(sorted(d[1] for d in dropped)))
@@ -498,12 +524,13 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
                       seed: int, tokenizer_path: str, seq_len: int, truncation: str, pack: bool,
                       validation_fraction: float = 0.0, concurrency: int | None = 1,
                       outcome_markers: OutcomeMarkers | None = None, drops_dir: Path | None = None,
+                      adjusted_dir: Path | None = None, join_turns: bool = False,
                       batch_size: int = TOKENIZE_BATCH_ROWS, tokenizer_parts: TokenizerParts | None = None):
     """Phase 2, lazily: (train dataset, validation dataset or None, copies per source).
 
     `size` is the size of the train mixture: with a validation split, copies are worked out over the records
     outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
-    `drops_dir/<split>/`. `concurrency` caps the tokenize tasks running at once; None runs one per CPU.
+    `drops_dir/<split>/`, and records the chat template adjusted under `adjusted_dir/<split>/`. `concurrency` caps the tokenize tasks running at once; None runs one per CPU.
     `tokenizer_parts` (of the tokenizer at `tokenizer_path`) is loaded here when not given.
     """
     import ray
@@ -529,7 +556,8 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
             fn_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
                        "pack": pack, "outcome_markers": outcome_markers,
                        "drops_dir": str(drops_dir / name) if drops_dir else None, "serial_tokenizer": tasks > 1,
-                       "tokenizer_parts": tokenizer_parts})
+                       "tokenizer_parts": tokenizer_parts, "join_turns": join_turns,
+                       "adjusted_dir": str(adjusted_dir / name) if adjusted_dir else None})
 
     return split("train"), split("validation") if validation_fraction else None, copies
 
@@ -583,14 +611,30 @@ def dropped_counts(drops_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def adjusted_counts(adjusted_dir: Path) -> dict[str, list[dict]]:
+    """{source: [{adjustment, records, extra_examples}]} from the adjustment files of one split."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    table = read_columns(adjusted_dir, ["source", "adjustment", "extra_examples"])
+    if table is not None:
+        for source, adjustment, extra in zip(*(table[c].to_pylist() for c in table.column_names)):
+            entry = counts.setdefault((source, adjustment), [0, 0])
+            entry[0] += 1
+            entry[1] += extra
+    out: dict[str, list[dict]] = {}
+    for (source, adjustment), (records, extra) in sorted(counts.items()):
+        out.setdefault(source, []).append({"adjustment": adjustment, "records": records, "extra_examples": extra})
+    return out
+
+
 def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, dict]:
     """Phase 2 into `out_dir/train` (and `validation`): (per-split stats, copies per record per source).
 
-    Checks that every record drawn into a split was packed or dropped at tokenization, per source.
+    Checks that every record drawn into a split was packed or dropped at tokenization, per source (a record
+    the chat template expanded is packed as several examples).
     """
     # Tokenizing is nearly all of the work once the shuffle (a barrier) is done: a task per CPU.
     train, validation, copies = mix_tokenize_pack(out_dir / "filtered", kept, drops_dir=out_dir / "dropped",
-                                                  concurrency=None, **mix)
+                                                  adjusted_dir=out_dir / "adjusted", concurrency=None, **mix)
     train.write_parquet(str(out_dir / "train"))
     if validation is not None:
         validation.write_parquet(str(out_dir / "validation"))
@@ -600,8 +644,10 @@ def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, 
         stats["drawn"] = drawn_counts(out_dir / "filtered", name, copies, mix["seed"], mix["validation_fraction"])
         stats["dropped"] = dropped_counts(out_dir / "dropped" / name)
         stats["dropped_total"] = sum(k["count"] for kinds in stats["dropped"].values() for k in kinds)
+        stats["adjusted"] = adjusted_counts(out_dir / "adjusted" / name)
         for source, drawn in stats["drawn"].items():
-            packed = stats["examples_by_source"].get(source, 0)
+            extra = sum(k["extra_examples"] for k in stats["adjusted"].get(source, []))
+            packed = stats["examples_by_source"].get(source, 0) - extra
             dropped = sum(k["count"] for k in stats["dropped"].get(source, []))
             assert drawn == packed + dropped, \
                 f"{name} split, source {source}: drawn {drawn} != packed {packed} + dropped at tokenization {dropped}"
@@ -613,8 +659,10 @@ def phase2_line(splits: dict, seq_len: int, seconds: float) -> str:
     parts = []
     for name, s in splits.items():
         drawn = sum(s["drawn"].values())
+        expanded = sum(k["extra_examples"] for kinds in s.get("adjusted", {}).values() for k in kinds)
         parts.append(f"{name} {drawn} drawn -> {s['examples']} examples in {s['rows']} rows of {seq_len} tokens "
-                     f"({s['packing_efficiency']:.0%} full), {s['dropped_total']} dropped at tokenization")
+                     f"({s['packing_efficiency']:.0%} full), {s['dropped_total']} dropped at tokenization"
+                     + (f", {expanded} examples from expanded conversations" if expanded else ""))
     return f"[prepare] phase 2 (mix, tokenize, pack): {'; '.join(parts)} in {seconds:.1f} s"
 
 
@@ -694,7 +742,8 @@ def phase2_arguments(config, tokenizer_path: str) -> dict:
     markers = OutcomeMarkers(**d.outcome_markers.model_dump()) if d.outcome_markers is not None else None
     return {"weights": {s.name: s.weight for s in d.sources}, "size": d.mix_size, "seed": d.seed,
             "tokenizer_path": tokenizer_path, "seq_len": config.model.max_length, "truncation": d.truncation,
-            "pack": d.pack, "validation_fraction": d.validation_fraction, "outcome_markers": markers}
+            "pack": d.pack, "validation_fraction": d.validation_fraction, "outcome_markers": markers,
+            "join_turns": d.join_consecutive_turns}
 
 
 def most_common_rejects(counts: dict, limit: int = 3) -> str:

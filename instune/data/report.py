@@ -282,6 +282,12 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
              for split, stats in splits.items() for source, kinds in stats["dropped"].items() for k in kinds]
     if drops:
         md.append("## Dropped at tokenization\n\n" + table(["split", "source", "reason", "count", "example"], drops))
+    adjusted = [[split, source, k["adjustment"], k["records"], k["extra_examples"]]
+                for split, stats in splits.items() for source, kinds in stats.get("adjusted", {}).items()
+                for k in kinds]
+    if adjusted:
+        md.append("## Adjusted for the chat template\n\n" + table(
+            ["split", "source", "adjustment", "records", "extra examples"], adjusted))
     if manifest.get("outcomes"):
         md.append("## Outcome labels (kept records)\n\n" + table(
             ["source", "success", "failure", "unlabelled"],

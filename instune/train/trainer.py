@@ -69,6 +69,7 @@ RENAMED = {"strategy.name": "strategy"}
 NOT_IN_RUN_SETTINGS = {
     "model.path": "resolved by base_model into the loop's model_path",
     "model.tokenizer_path": "the data stage tokenizes with it; export copies it beside the model",
+    "model.chat_template": "base_model writes it into the tokenizer every stage loads",
     "model.embedded": "base_model builds the embedded model from it",
     "model.max_length": "the data stage packs or cuts rows to it; the loop takes rows as they come",
     "train.epochs": "steps_for turns it into the loop's total_steps",

@@ -349,7 +349,7 @@ def test_packed_rows_label_exactly_the_assistant_turns(prepared):
 
     tokenizer = AutoTokenizer.from_pretrained(prepared["model_dir"])
     rows = read_table(prepared["data_dir"] / "train").to_pylist()
-    assistant = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>\n)", re.S)
+    assistant = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)\n", re.S)
     examples, multi_turn = 0, 0
     for row in rows:
         assert len(row["input_ids"]) == SEQ_LEN and len(row["sources"]) == row["num_examples"]

@@ -1,4 +1,5 @@
-"""Chat-template tokenization: labels on assistant tokens only, every assistant turn, truncation and drops."""
+"""Tokenization: labels on assistant tokens only, every assistant turn, truncation and drops; the fast label
+path against the reference rule. The real templates of each model family are tested in test_chat_template.py."""
 
 import json
 import re
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 
 from instune.base_model import tokenizer_training_texts
-from instune.data.tokenize import (IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeError, assistant_spans,
-                                   encode_conversations, labels_from_spans, tokenize_batch, tokenizer_parts)
+from instune.data.chat_template import ChatRenderer, TemplateRejected, place_turns
+from instune.data.tokenize import (IGNORE_INDEX, Tokenized, TokenizeError, encode_conversations, labels_from_spans,
+                                   tokenize_batch, tokenizer_parts)
 from instune.default.tokenizer import IM_END, IM_START, train_tokenizer
 
 MULTI_TURN = [
@@ -32,11 +34,18 @@ def labelled_text(tokenizer, t: Tokenized) -> str:
     return tokenizer.decode([i for i, label in zip(t.input_ids, t.labels) if label != IGNORE_INDEX])
 
 
+def assistant_spans(messages, render) -> tuple[str, list]:
+    """The render and spans of a conversation the template renders as one example."""
+    [(text, spans)] = place_turns(messages, render).examples
+    return text, spans
+
+
 def test_every_assistant_turn_and_nothing_else_carries_labels(tokenizer):
     [t] = tokenize_batch([MULTI_TURN], tokenizer, max_length=512, truncation="drop")
     answers = [m["content"] for m in MULTI_TURN if m["role"] == "assistant"]
-    # Labels are the answers with their end-of-turn token (so the model learns to stop), in order.
-    assert labelled_text(tokenizer, t) == "".join(f"{a}{IM_END}\n" for a in answers)
+    # Labels are the answers with their end-of-turn token (so the model learns to stop), in order; not the
+    # newline the template writes after it.
+    assert labelled_text(tokenizer, t) == "".join(f"{a}{IM_END}" for a in answers)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(t.input_ids, t.labels))
     text = tokenizer.decode(t.input_ids)
     for prompt in ("Answer briefly.", "What is 7 + 5?", "And 12 - 3?", "Thanks!"):
@@ -54,7 +63,7 @@ def test_labelled_runs_match_assistant_spans(tokenizer):
             runs.append(tokenizer.decode(run))
             run = []
     runs += [tokenizer.decode(run)] if run else []
-    text, spans = assistant_spans(MULTI_TURN, tokenizer)
+    text, spans = assistant_spans(MULTI_TURN, ChatRenderer(tokenizer))
     assert runs == [text[a:b] for a, b in spans]
     assert len(runs) == 3
     # Each run starts right after an assistant header.
@@ -78,7 +87,7 @@ def test_no_assistant_token_left_after_truncation(tokenizer):
     results = tokenize_batch([long_prompt, short], tokenizer, max_length=32, truncation="truncate")
     assert isinstance(results[0], TokenizeError) and "no assistant tokens left" in str(results[0])
     # A failed record does not disturb its neighbours in the batch.
-    assert isinstance(results[1], Tokenized) and labelled_text(tokenizer, results[1]) == f"ok{IM_END}\n"
+    assert isinstance(results[1], Tokenized) and labelled_text(tokenizer, results[1]) == f"ok{IM_END}"
 
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -124,9 +133,9 @@ def test_fast_labels_equal_the_reference_rule_on_real_and_awkward_text(tokenizer
         assert render(messages[:-1], True) == tokenizer.apply_chat_template(messages[:-1], tokenize=False,
                                                                             add_generation_prompt=True)
         reference = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        _, spans = assistant_spans(messages, tokenizer)
+        _, spans = assistant_spans(messages, render)
         expected = labels_from_spans(reference["offset_mapping"], reference["input_ids"], spans)
-        ids, labels = result
+        [(ids, labels)] = result.examples
         assert ids.tolist() == reference["input_ids"]
         assert labels.tolist() == expected
 
@@ -136,7 +145,8 @@ def test_a_slow_path_renderer_gives_the_same_tokens(tokenizer):
     render._direct = None  # as for a template the direct path disagrees with
     [slow] = encode_conversations([MULTI_TURN], tokenizer, 512, "drop", render=render)
     [fast] = encode_conversations([MULTI_TURN], tokenizer, 512, "drop")
-    assert slow[0].tolist() == fast[0].tolist() and slow[1].tolist() == fast[1].tolist()
+    [(slow_ids, slow_labels)], [(fast_ids, fast_labels)] = slow.examples, fast.examples
+    assert slow_ids.tolist() == fast_ids.tolist() and slow_labels.tolist() == fast_labels.tolist()
 
 
 def test_tokenizer_parts_tokenize_like_the_whole_tokenizer_without_importing_torch(tokenizer, tmp_path):
@@ -165,7 +175,9 @@ def test_tokenizer_parts_tokenize_like_the_whole_tokenizer_without_importing_tor
     got = pickle.loads((tmp_path / "out.pkl").read_bytes())
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
-        assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
+        assert a.notes == b.notes and len(a.examples) == len(b.examples) == 1
+        assert a.examples[0][0].tolist() == b.examples[0][0].tolist()
+        assert a.examples[0][1].tolist() == b.examples[0][1].tolist()
 
 
 def test_parts_loaded_with_torch_hidden_equal_the_parts_of_the_whole_tokenizer(tokenizer, tmp_path):
@@ -216,11 +228,11 @@ def test_fast_labels_equal_the_reference_rule_for_spans_anywhere(tokenizer):
     assert checked == 800
 
 
-def exact_spans(messages, render) -> tuple[str, list]:
-    """Spans from prefix renders alone (the renderer's layout set aside)."""
+def exact_spans(messages, render):
+    """The examples from aligning each turn with prefix renders alone (the renderer's layout set aside)."""
     layout, render.layout = render.layout, None
     try:
-        return assistant_spans(messages, None, render)
+        return place_turns(messages, render).examples
     finally:
         render.layout = layout
 
@@ -230,7 +242,7 @@ def test_one_render_spans_equal_the_prefix_render_spans(tokenizer):
     render = ChatRenderer(tokenizer)
     assert render.layout is not None  # ChatML has one
     for messages in real_conversations() + AWKWARD + [MULTI_TURN]:
-        assert assistant_spans(messages, None, render) == exact_spans(messages, render)
+        assert place_turns(messages, render).examples == exact_spans(messages, render)
 
 
 # A template that adds a default system prompt when the conversation has none (as Qwen 2.5's does), and one
@@ -254,6 +266,6 @@ def test_templates_without_one_layout_get_the_prefix_render_spans(template):
     for messages in conversations:
         try:
             expected = exact_spans(messages, render)
-        except TokenizeError:
+        except TemplateRejected:
             continue
-        assert assistant_spans(messages, None, render) == expected
+        assert place_turns(messages, render).examples == expected
