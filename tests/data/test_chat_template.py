@@ -297,3 +297,55 @@ def test_a_tokenizer_without_a_template_needs_model_chat_template(tmp_path):
     written = (tmp_path / "out" / "tokenizer" / ".instune_template").stat().st_mtime_ns
     resolve_base_model(ModelConfig(path=str(model), chat_template="llama3"), tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer" / ".instune_template").stat().st_mtime_ns == written  # not rewritten
+
+
+# ---------------------------------------------------------------- Meta's own Llama 3 tokenizer
+
+LLAMA3_TOKENIZER = "INSTUNE_LLAMA3_TOKENIZER"
+
+
+def meta_llama3_tokenizer(tokenizer_model: str):
+    """Meta's Llama 3 tokenizer (the tiktoken `tokenizer.model` that `pip download --no-deps llama-models`
+    ships in llama_models/llama3/) as a transformers tokenizer: transformers' tiktoken converter, with the file
+    read here (it is base64 token, rank per line) instead of through the tiktoken package, and Meta's special
+    tokens in Meta's order (llama_models/llama3/tokenizer.py)."""
+    import base64
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    def ranks(path):
+        pairs = (line.split() for line in Path(path).read_bytes().splitlines() if line)
+        return {base64.b64decode(token): int(rank) for token, rank in pairs}
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+               "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+    special += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(special))]
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    converter = TikTokenConverter(vocab_file=tokenizer_model, pattern=pattern, extra_special_tokens=special)
+    converter.load_tiktoken_bpe = ranks
+    return PreTrainedTokenizerFast(tokenizer_object=converter.converted(), bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+
+
+@pytest.mark.slow  # converting the 128k-token vocabulary takes 30-40 s
+@pytest.mark.skipif(not Path(__import__("os").environ.get(LLAMA3_TOKENIZER, "/nonexistent")).is_file(),
+                    reason=f"set {LLAMA3_TOKENIZER} to llama-models' llama_models/llama3/tokenizer.model")
+def test_labels_with_meta_llama3_tokenizer_and_the_llama3_1_template():
+    import os
+
+    tokenizer = meta_llama3_tokenizer(os.environ[LLAMA3_TOKENIZER])
+    assert tokenizer.convert_tokens_to_ids(["<|begin_of_text|>", "<|eot_id|>"]) == [128000, 128009]
+    assert tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [9906, 1917]
+    tokenizer.chat_template = (TEMPLATES / "llama3_1.jinja").read_text(encoding="utf-8")
+    for messages in (CONVERSATION, [SYSTEM] + CONVERSATION):
+        [encoded] = encode_conversations([messages], tokenizer, 100_000, "drop")
+        assert encoded.notes == ()
+        assert_trains_each_answer_once(tokenizer, encoded, messages, "<|eot_id|>")
+        [(ids, labels)] = encoded.examples
+        assert tokenizer.decode(ids.tolist()) == tokenizer.apply_chat_template(messages, tokenize=False)
+        # Each labelled run starts right after "<|end_header_id|>\n\n" and ends with <|eot_id|>.
+        starts = [k for k in range(1, len(ids)) if labels[k] != IGNORE_INDEX and labels[k - 1] == IGNORE_INDEX]
+        assert [tokenizer.decode(ids[k - 2:k].tolist()) for k in starts] == ["<|end_header_id|>\n\n"] * 3
