@@ -98,9 +98,14 @@ def check_inputs(config: ExperimentConfig) -> None:
     """Everything that can be checked before Ray starts: paths exist, files parse as configs say."""
     from instune.data.prepare import plan_sources
 
+    from instune.data.preference_formats import check_sources_kind
+
     storage.check_output_location(config.output_dir, "output_dir")
     write_corpus(config)
-    plan_sources(config.data.sources)
+    # Pairs for a preference objective, conversations for sft: a source of the other kind is refused here.
+    check_sources_kind(config.data.sources, config.train.objective, config.data.max_record_bytes)
+    if config.train.objective == "sft":
+        plan_sources(config.data.sources)
     for s in config.eval.sets:
         from instune.data.read import expand_paths
 
@@ -121,7 +126,12 @@ def prepare_stage(config: ExperimentConfig) -> dict:
                       for s in load_eval_sets(config) for r in s.records]
     start_ray(config.scaling, work_dir(config))
     check_scratch_reachable(config, "prepare's Ray Data tasks write the data")
-    manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts, model_path=model_path)
+    if config.train.objective == "sft":
+        manifest = prepare(config, tokenizer_path, output_paths(config)["data"], eval_texts, model_path=model_path)
+    else:
+        from instune.data.prepare_pairs import prepare_pairs
+
+        manifest = prepare_pairs(config, tokenizer_path, output_paths(config)["data"], model_path=model_path)
     # Published with the manifest last: readers (load_manifest) take a prefix without it for unfinished.
     publish(config, output_paths(config)["data"], MANIFEST)
     for name, c in manifest["sources"].items():

@@ -291,3 +291,16 @@ def read_pairs(file: str, source_name: str, domain: str, fmt: str, field_map: di
 
 
 assert not set(PAIR_FORMATS) & set(FORMATS), "a pair format shares a name with a conversation format"
+
+
+def check_sources_kind(sources, objective: str, max_record_bytes: int) -> None:
+    """check_source_kind for every configured source, on the first record of its first file when its format is
+    auto; for a preference objective, the field maps too. UserError before Ray starts."""
+    from instune.data.read import expand_paths
+
+    for source in sources:
+        files = expand_paths(source.name, source.path)
+        record = first_record(files[0], max_record_bytes) if source.format == "auto" else None
+        check_source_kind(source.name, files[0], source.format, record, objective)
+        if objective != "sft":
+            validate_pair_field_map(source.name, source.format, source.field_map)

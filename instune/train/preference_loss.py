@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from instune.data.reference_logprobs import response_logps  # noqa: F401  (the loop takes it from here)
+
 OBJECTIVES = ("sft", "dpo", "ipo", "cdpo", "simpo", "orpo")
 PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
 # The losses that compare the policy with a frozen reference; simpo and orpo need none.
@@ -98,18 +100,6 @@ def pair_losses(objective: str, settings: PreferenceSettings, chosen_logps: torc
         losses = -chosen_mean + settings.orpo_lambda * odds_ratio_loss
         return PairLosses(losses, chosen_odds.detach(), rejected_odds.detach())
     raise ValueError(f"not a preference objective: {objective!r}")  # config validation keeps this from happening
-
-
-def response_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's labelled tokens, their count): row i's token t is predicted by
-    the logits at t-1, as in training. Only labelled positions are upcast (tokens x vocabulary is large)."""
-    targets = labels[:, 1:]
-    scored = targets != ignore_index
-    token_logps = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
-    picked = logits[:, :-1][scored].float()
-    token_logps[scored] = picked.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1) - picked.logsumexp(-1)
-    return token_logps.sum(dim=1), scored.sum(dim=1)
 
 
 def step_metrics(pairs: PairLosses, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, float]:

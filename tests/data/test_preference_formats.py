@@ -185,3 +185,16 @@ def test_hh_rlhf_pairs_tokenize_with_non_empty_responses(hh_rlhf, tokenizer):
         assert len(t.chosen_input_ids) <= 256 and (t.chosen_labels != IGNORE_INDEX).any()
         assert len(t.rejected_input_ids) <= 256 and (t.rejected_labels != IGNORE_INDEX).any()
     assert sum(t.prompt_cut > 0 for t in tokenized) > 0
+
+
+def test_sources_of_the_wrong_kind_are_refused_for_the_whole_config(hh_rlhf, tmp_path):
+    from instune.config import SourceConfig
+    from instune.data.preference_formats import check_sources_kind
+
+    pairs = [SourceConfig(name="hh", path=hh_rlhf)]
+    check_sources_kind(pairs, "dpo", 1_000_000)
+    with pytest.raises(UserError, match="source 'hh': .* looks like preference pairs .* train.objective is sft"):
+        check_sources_kind(pairs, "sft", 1_000_000)
+    mapped = [SourceConfig(name="m", path=hh_rlhf, format="mapped", field_map={"chosen": "good"})]
+    with pytest.raises(UserError, match="source 'm': field_map: needs 'chosen' and 'rejected'"):
+        check_sources_kind(mapped, "simpo", 1_000_000)

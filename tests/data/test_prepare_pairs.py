@@ -1,0 +1,105 @@
+"""`instune prepare` for preference pairs on real Ray: the accounting, dedup, tokenized sides, and reference
+log-probs computed on the actor pool equal to a direct computation on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from instune.base_model import tokenizer_training_texts
+from instune.config import validate_config
+from instune.data.prepare_pairs import prepare_pairs
+from instune.data.tokenize import IGNORE_INDEX
+from instune.default.model import ensure_embedded_model
+
+SEQ_LEN = 64
+# One prepare with its reference actor pool: ~30 s on an idle laptop, more on a busy 2-core machine.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = ensure_embedded_model(
+        tmp_path_factory.mktemp("model") / "m", tokenizer_training_texts(per_domain=30), vocab_size=400,
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
+    return str(directory)
+
+
+def pair_file(path) -> str:
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": str(a + b), "rejected": str(a + b + 1)}
+            for a in range(3) for b in range(4)]  # 12 good pairs
+    rows.append(dict(rows[0]))  # an exact duplicate
+    rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})  # identical sides
+    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"})
+    rows.append({"prompt": "Say it all.", "chosen": "ok", "rejected": "long " * 200})  # cannot fit: dropped
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prepared(local_ray, model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pairs")
+    config = validate_config({
+        "name": "p", "output_dir": str(tmp / "out"),
+        "model": {"path": model_dir, "max_length": SEQ_LEN},
+        "data": {"sources": [{"name": "math", "path": pair_file(tmp / "pairs.jsonl")}], "truncation": "drop",
+                 "validation_fraction": 0.25, "filters": {"quality": None}},
+        "train": {"objective": "dpo"}, "dpo": {"batch_size": 3}})
+    manifest = prepare_pairs(config, model_dir, tmp / "data", model_path=model_dir)
+    return manifest, tmp / "data"
+
+
+def rows_of(directory) -> list[dict]:
+    return pads.dataset(str(directory), format="parquet").to_table().to_pylist()
+
+
+def test_every_pair_read_is_kept_or_rejected_with_its_reason(prepared):
+    manifest, data_dir = prepared
+    counts = manifest["sources"]["math"]
+    assert (counts["read"], counts["kept"], counts["rejected"]) == (16, 13, 3)
+    reasons = {(r["stage"], r["reason"].split(":")[0], r["count"]) for r in counts["rejects"]}
+    assert reasons == {("normalise", "chosen is identical to rejected", 1),
+                       ("dedup:exact", "exact duplicate of an earlier pair", 1),
+                       ("tokenize", "the rejected response has 603 tokens", 1)}, reasons
+    splits = manifest["splits"]
+    assert splits["train"]["rows"] + splits["validation"]["rows"] == counts["kept"]
+    assert splits["validation"]["rows"] > 0
+    assert splits["train"]["lengths"]["chosen_tokens"]["min"] >= 2  # an answer and its end of turn
+
+
+def test_sides_are_padded_rows_with_response_only_labels(prepared):
+    _, data_dir = prepared
+    rows = rows_of(data_dir / "train")
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            ids, labels = np.array(row[f"{side}_input_ids"]), np.array(row[f"{side}_labels"])
+            assert len(ids) == len(labels) == SEQ_LEN
+            labelled = np.flatnonzero(labels != IGNORE_INDEX)
+            assert len(labelled) == row[f"{side}_tokens"] and (labels[labelled] == ids[labelled]).all()
+            assert labelled[-1] - labelled[0] + 1 == len(labelled)  # one span: the response
+
+
+def direct_logps(model, ids: np.ndarray, labels: np.ndarray) -> float:
+    """log P(response | prompt): one unpadded sequence, token by token from the model's log-softmax."""
+    real = int(np.flatnonzero(labels != IGNORE_INDEX)[-1]) + 1
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor(ids[None, :real])).logits[0].double(), -1)
+    return sum(float(logprobs[t - 1, ids[t]]) for t in range(1, real) if labels[t] != IGNORE_INDEX)
+
+
+def test_precomputed_reference_logprobs_equal_a_direct_computation(prepared, model_dir):
+    _, data_dir = prepared
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = rows_of(data_dir / "train") + rows_of(data_dir / "validation")
+    assert len(rows) == 13
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            expected = direct_logps(model, np.array(row[f"{side}_input_ids"]), np.array(row[f"{side}_labels"]))
+            assert row[f"ref_{side}_logps"] == pytest.approx(expected, abs=1e-4), (row["id"], side)
+    # The right answer and the wrong one differ, so the values are not one constant.
+    assert len({round(r["ref_chosen_logps"], 4) for r in rows}) > 5
