@@ -16,9 +16,11 @@ import contextlib
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,13 @@ import torch.nn.functional as F
 from instune.data.tokenize import IGNORE_INDEX
 from instune.train import lisa
 from instune.train.checkpoint import load_checkpoint, save_checkpoint
+from instune.train.chunked_loss import FusedHead, fused_head, head_loss
+from instune.train.decoder_layers import checkpoint_layers, compile_layers
+from instune.train.kernels import apply_liger_blocks, choose_kernels, liger_installed, loss_sum_for
 from instune.train.methods import PEFT_METHODS, MethodSettings, add_head_dropout, apply_method, count_parameters
 from instune.train.metrics import flops_per_token, peak_flops, peak_memory_bytes
 from instune.train.sessions import CHECKPOINT_SCRATCH_PREFIX
+from instune.train.varlen_attention import VARLEN, packed_attention_inputs, register_varlen_attention
 
 # Fault injection for the resume tests: a file holding a step number; the last rank deletes it and dies
 # when it reaches that step, once. Unset in real runs.
@@ -60,6 +66,11 @@ class LoopSettings:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    gradient_checkpointing_fraction: float = 1.0
+    # auto | liger | none (kernels.py).
+    kernels: str = "auto"
+    # Compile each decoder layer (decoder_layers.py).
+    compile: bool = False
     use_gpu: bool = False
     # More datasets (by name) whose loss is reported as `eval_loss/<name>` at each eval: a sweep's
     # per-domain eval sets, so a scheduler can compare trials in- and out-of-domain while they train.
@@ -108,10 +119,28 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over the target tokens of one batch."""
+def model_inputs(batch: dict, varlen: bool) -> dict:
+    """The forward pass's arguments for a batch; with varlen attention, its example boundaries too."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if varlen:
+        inputs.update(packed_attention_inputs(batch["position_ids"]))
+    return inputs
+
+
+def token_loss_sum(model, batch: dict, head: FusedHead | None = None, varlen: bool = False) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the target tokens of one batch.
+
+    With `head` (the model's LM head and a summed linear cross-entropy, chunked_loss.py) the head computes the
+    loss of the target positions and no logits tensor exists; without, from the model's logits.
+    """
     length = batch["input_ids"].size(1)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    inputs = model_inputs(batch, varlen)
+    if head is not None:
+        with head_loss(head, batch["labels"][:, 1:], length, IGNORE_INDEX) as outputs:
+            model(**inputs)
+        assert len(outputs) == 1, f"the LM head ran {len(outputs)} times in one forward pass"
+        return outputs[0]
+    logits = model(**inputs).logits
     # Prompt tuning prepends its virtual tokens' logits; only the last `length` positions are the batch's.
     logits = logits[:, -length:]
     return F.cross_entropy(
@@ -141,22 +170,23 @@ def endless_batches(session, micro_batch_size: int, skip: int):
 
 
 def evaluate_loss(model, session, micro_batch_size: int, device, autocast,
-                  name: str = "validation") -> float:
-    """Token-weighted loss over the dataset `name` (this run's validation data), across all workers."""
+                  name: str = "validation", loss_of=token_loss_sum) -> float:
+    """Token-weighted loss over the dataset `name` (this run's validation data), across all workers;
+    `loss_of(model, batch)` is token_loss_sum with the run's head and attention settings."""
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for batch in session.batches(name, micro_batch_size, 0):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
-                loss_sum += float(token_loss_sum(model, batch))
+                loss_sum += float(loss_of(model, batch))
             tokens += count_targets(batch)
     model.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
     return loss_sum / max(tokens, 1)
 
 
-def build_model(settings: LoopSettings, device):
+def build_model(settings: LoopSettings, device, use_liger: bool = False):
     """The base model with the method applied, on `device`; identical on every worker (same seed)."""
     from transformers import AutoModelForCausalLM
 
@@ -167,17 +197,28 @@ def build_model(settings: LoopSettings, device):
     # keeps its own fp32 master copy, so it gets the low-precision model.
     low_precision_base = settings.strategy == "deepspeed" or settings.method.method in PEFT_METHODS
     dtype = getattr(torch, settings.dtype) if low_precision_base else torch.float32
+    if settings.attn_implementation == VARLEN:
+        register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
         local_model_dir(settings.model_path), dtype=dtype, attn_implementation=settings.attn_implementation)
     model.config.use_cache = False
+    if use_liger:
+        note = apply_liger_blocks(model)  # before PEFT wraps the linear layers the fused MLP calls
+        if note:
+            print(f"instune: {note}", file=sys.stderr, flush=True)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if settings.gradient_checkpointing_fraction < 1:
+            checkpoint_layers(model, settings.gradient_checkpointing_fraction)
         if settings.method.method in PEFT_METHODS:
             model.enable_input_require_grads()
     model = apply_method(model, settings.method)
     if settings.head_dropout:
         add_head_dropout(model, settings.head_dropout)
-    return model.to(device)
+    model = model.to(device)
+    if settings.compile:
+        compile_layers(model)
+    return model
 
 
 def make_optimizer(params, settings: LoopSettings, cpu_adam: bool):
@@ -255,12 +296,18 @@ def run_training(settings: LoopSettings, session) -> None:
     def autocast():
         return torch.autocast(device.type, dtype=compute_dtype) if use_autocast else contextlib.nullcontext()
 
-    model = build_model(settings, device)
+    rank, world = session.world_rank, session.world_size
+    kernels = choose_kernels(settings.kernels, device.type, liger_installed())
+    if kernels.fallback_note and rank == 0:
+        print(f"instune: {kernels.fallback_note}", file=sys.stderr, flush=True)
+    model = build_model(settings, device, use_liger=kernels.use_liger)
     trainable, total = count_parameters(model)  # before ZeRO-3 partitions the parameters
     engine = make_engine(model, settings)
     if settings.method.method == "lisa":
         trainable, _ = count_parameters(model)  # the layers of one period
-    rank, world = session.world_rank, session.world_size
+    # The loss without the logits tensor wherever the head is a plain linear layer (chunked_loss.py).
+    loss_sum_of = partial(token_loss_sum, head=fused_head(engine.module, loss_sum_for(kernels)),
+                          varlen=settings.attn_implementation == VARLEN)
     # Same weights everywhere, different dropout masks per worker.
     torch.manual_seed(settings.seed + 1000 * rank)
 
@@ -294,7 +341,7 @@ def run_training(settings: LoopSettings, session) -> None:
         for i, batch in enumerate(micro):
             with engine.no_sync(skip=i < len(micro) - 1):
                 with autocast():
-                    loss_sum = token_loss_sum(engine.model, batch)
+                    loss_sum = loss_sum_of(engine.model, batch)
                 engine.backward(loss_sum * world / max(global_targets, 1))
             loss_sum_local += float(loss_sum.detach())
         lr = engine.scheduler.optimizer.param_groups[0]["lr"]
@@ -330,10 +377,10 @@ def run_training(settings: LoopSettings, session) -> None:
         if settings.eval_every and (step % settings.eval_every == 0 or save):
             if session.has("validation"):
                 metrics["eval_loss"] = evaluate_loss(engine.module, session, settings.micro_batch_size, device,
-                                                     autocast)
+                                                     autocast, loss_of=loss_sum_of)
             for name in settings.eval_datasets:
                 metrics[f"eval_loss/{name}"] = evaluate_loss(engine.module, session, settings.micro_batch_size,
-                                                             device, autocast, name)
+                                                             device, autocast, name, loss_sum_of)
         if save:
             with tempfile.TemporaryDirectory(prefix=CHECKPOINT_SCRATCH_PREFIX, dir=session.scratch_dir) as tmp:
                 save_checkpoint(Path(tmp), engine, settings.method, step=step, micro_batches_done=micro_done,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import read_metrics, run_many, write_packed_rows
+from train_helpers import logits_sgd_step, read_metrics, run_many, write_packed_rows
 from transformers import AutoModelForCausalLM
 
 from instune.train.loop import LoopSettings, run_training, warmup_cosine
@@ -95,6 +95,10 @@ def test_one_step_is_the_same_on_one_worker_and_two_with_or_without_accumulation
     gradient_size = max(float((initial[n].detach() - w).abs().max()) for n, w in reference.items())
     assert gradient_size > 1e-2  # the step moved the weights
     reference_loss = read_metrics(tmp_path / "one")[0]["loss"]
+    # The one-worker step is the step of the loss computed from the whole logits tensor (the loop's loss runs
+    # in the LM head without it, chunked_loss.py), so every variant below is too.
+    for n, w in logits_sgd_step(tiny_model, rows).items():
+        torch.testing.assert_close(reference[n], w, rtol=0, atol=1e-6, msg=f"logits path: {n}")
     for name in variants:
         weights = load_file(str(tmp_path / name / STEP_1))
         assert weights.keys() == reference.keys()

@@ -111,3 +111,25 @@ def run_many(runs: list[dict], tmp_path: Path, nproc: int = 2, timeout: int = 60
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), capture_output=True, text=True,
         timeout=timeout)
     assert done.returncode == 0, done.stderr[-6000:]
+
+
+def logits_sgd_step(model_dir: Path, rows_dir: Path) -> dict:
+    """{name: weight} after one SGD step (lr 1, no clipping) of full fine-tuning on every row of `rows_dir`,
+    with the loss computed from the model's whole logits tensor: the reference for the loop's own loss."""
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from instune.data.tokenize import IGNORE_INDEX
+
+    table = pq.read_table(rows_dir / "part-0.parquet")
+    batch = {k: torch.tensor(table[k].to_pylist()) for k in ("input_ids", "labels", "position_ids")}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    # No KV cache: with one, transformers would not separate the packed examples.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / (targets != IGNORE_INDEX).sum()
+    loss.backward()
+    return {name: (p - p.grad).detach() for name, p in model.named_parameters()}
