@@ -210,7 +210,8 @@ def child(args) -> None:
     import ray.data
 
     from instune.data.dedup.minhash import near_dedup
-    from instune.data.prepare import plan_sources, prepare, read_all
+    from instune.data.prepare import prepare
+    from instune.data.sources import plan_sources, read_all
 
     files = [Path(f) for f in args.files.split(",")]
     workdir = Path(args.workdir)

@@ -96,7 +96,7 @@ def base_model(config: ExperimentConfig) -> tuple[str, str]:
 
 def check_inputs(config: ExperimentConfig) -> None:
     """Everything that can be checked before Ray starts: paths exist, files parse as configs say."""
-    from instune.data.prepare import plan_sources
+    from instune.data.sources import plan_sources
 
     from instune.data.preference_formats import check_sources_kind
 
@@ -113,7 +113,8 @@ def check_inputs(config: ExperimentConfig) -> None:
 
 
 def prepare_stage(config: ExperimentConfig) -> dict:
-    from instune.data.prepare import MANIFEST, prepare
+    from instune.data.manifest import MANIFEST
+    from instune.data.prepare import prepare
 
     check_inputs(config)
     model_path, tokenizer_path = base_model(config)
@@ -161,7 +162,7 @@ def read_split(split_dir: str | Path):
 
 def train_stage(config: ExperimentConfig):
     """Train on the prepared data; returns TrainOutputs."""
-    from instune.data.prepare import MANIFEST, load_manifest
+    from instune.data.manifest import MANIFEST, load_manifest
     from instune.train.checks import check_training_plan
     from instune.train.trainer import train_and_export, training_run
 
@@ -181,7 +182,7 @@ def train_stage(config: ExperimentConfig):
         check_scratch_reachable(config, "the training workers load the embedded base model")
     if config.data.stream:
         check_scratch_reachable(config, "the training workers read the prepared records (data.stream)")
-        from instune.data.prepare import stream_train_data
+        from instune.data.splits import stream_train_data
 
         # Phase 2 (mix, markers, tokenize, pack) runs as training reads; nothing is written. It reads the
         # filtered records from local files, so a URI output_dir's data is downloaded first.
@@ -368,7 +369,7 @@ def run_all(config: ExperimentConfig) -> dict:
 def sweep_stage(config: ExperimentConfig):
     """`instune sweep`: prepare the data once (reused while current), then run or resume the sweep of
     `config.sweep` on Ray Tune; returns SweepPaths (results table, best config, plots under output_dir/sweep)."""
-    from instune.data.prepare import MANIFEST, load_manifest
+    from instune.data.manifest import MANIFEST, load_manifest
     from instune.tune.sweep import check_sweep, is_prepared_for, run_sweep
 
     check_sweep(config, config.model_dump(mode="json"))

@@ -192,7 +192,7 @@ def percentiles(values: np.ndarray) -> str:
 def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool, seed: int = 0,
                       sample_size: int = 500) -> Path:
     """Write `data_dir/report/report.md` and its figures from the manifest and the outputs; return its path."""
-    from instune.data.prepare import STAGES
+    from instune.data.accounting import STAGES
 
     out = Path(data_dir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)

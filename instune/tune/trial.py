@@ -124,7 +124,7 @@ def trial_datasets(config, plan: TrialPlan, weights: dict[str, float]) -> dict:
     import pyarrow.parquet as pq
     import ray.data
 
-    from instune.data.prepare import mix_tokenize_pack, phase2_arguments
+    from instune.data.splits import mix_tokenize_pack, phase2_arguments
 
     d = config.data
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -7,7 +7,7 @@ import pytest
 
 from instune.base_model import tokenizer_training_texts
 from instune.data.outcome import OutcomeMarkers, mark_outcome, outcome_of, with_marker
-from instune.data.prepare import TokenizeAndPack
+from instune.data.splits import TokenizeAndPack
 from instune.data.tokenize import IGNORE_INDEX
 from instune.default.tokenizer import train_tokenizer
 

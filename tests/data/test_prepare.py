@@ -22,17 +22,11 @@ import ray.data
 
 from instune.base_model import tokenizer_training_texts
 from instune.config import validate_config
-from instune.data.prepare import (
-    STAGES,
-    draw_batch,
-    load_manifest,
-    mixture_copies,
-    prepare,
-    reason_kind,
-    requested_fractions,
-    stage_table,
-    stream_train_data,
-)
+from instune.data.accounting import STAGES, reason_kind, stage_table
+from instune.data.manifest import load_manifest
+from instune.data.mix import draw_batch, mixture_copies, requested_fractions
+from instune.data.prepare import prepare
+from instune.data.splits import stream_train_data
 from instune.data.tokenize import IGNORE_INDEX
 from instune.default.model import ensure_embedded_model
 from instune.errors import UserError

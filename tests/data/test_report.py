@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from instune.data.prepare import stage_table
+from instune.data.accounting import stage_table
 from instune.data.report import conversation_chars, write_data_report
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
