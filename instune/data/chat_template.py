@@ -302,7 +302,8 @@ def _system_into_first_user(messages: list[dict]) -> list[dict] | None:
     return [first] + messages[2:]
 
 
-def _render_record(messages: list[dict], render: ChatRenderer, join_turns: bool) -> tuple[list[dict], str, list[str]]:
+def _render_record(messages: list[dict], render: ChatRenderer, join_turns: bool
+                   ) -> tuple[list[dict], str, list[str]]:
     """(the messages as rendered, the render, notes): conventions applied where the template needs them."""
     notes = []
     if join_turns and any(a["role"] == b["role"] for a, b in zip(messages, messages[1:])):
@@ -386,7 +387,9 @@ def place_turns(messages: list[dict], render: ChatRenderer, join_turns: bool = F
             upto = text if i == last else render(messages[: i + 1])
         except Exception as error:  # a template that refuses a prefix it would render in full
             raise TemplateRejected(f"the chat template rejects the conversation up to turn {i}: {error}") from None
-        found = _content_and_end(upto, message["content"], len(prompt), render.eos_token) if upto.startswith(prompt) else None
+        found = None
+        if upto.startswith(prompt):
+            found = _content_and_end(upto, message["content"], len(prompt), render.eos_token)
         if found is not None and text.startswith(prompt):
             _, written, end = found
             at = text.find(written + end, len(prompt))

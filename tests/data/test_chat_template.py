@@ -147,7 +147,8 @@ def test_qwen3_reasoning_stripped_from_history_is_still_trained(base_tokenizer):
     [encoded] = encode_conversations([messages], tokenizer, 100_000, "drop")
     assert encoded.notes == (EXPANDED,)
     runs = sorted(run for ids, labels in encoded.examples for run in labelled_runs(tokenizer, ids, labels))
-    assert runs == ["<think>\nthree and three\n</think>\n\n6<|im_end|>", "<think>\ntwo and two\n</think>\n\n4<|im_end|>"]
+    assert runs == ["<think>\nthree and three\n</think>\n\n6<|im_end|>",
+                    "<think>\ntwo and two\n</think>\n\n4<|im_end|>"]
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     assert "two and two" not in full  # what the one-render approach would have lost
 
