@@ -333,6 +333,10 @@ class PeftConfig(Strict):
     lisa_period: int = Field(20, gt=0)
 
 
+# train.report_to names whose package is not a dependency of instune -> that package.
+OPTIONAL_TRACKERS = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
 class TrainConfig(Strict):
     lr: float = Field(2e-4, gt=0)
     epochs: int = Field(1, gt=0)
@@ -359,9 +363,26 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     # Worker-group restarts from the latest checkpoint after a worker dies.
     max_failures: int = Field(0, ge=0)
+    # Where the metrics go besides metrics.jsonl, each with the resolved config and the data report attached
+    # (train/trackers.py): tensorboard (run_dir/tensorboard), wandb (WANDB_MODE=offline needs no account),
+    # mlflow (MLFLOW_TRACKING_URI, else a SQLite store beside the run). wandb and mlflow are optional installs.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
     # sft: next-token loss on the assistant turns. dpo, ipo, cdpo, simpo, orpo: a loss on preference pairs
     # (the sources hold chosen/rejected pairs; settings in the `dpo` section; train/preference_loss.py).
     objective: Literal["sft", "dpo", "ipo", "cdpo", "simpo", "orpo"] = "sft"
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, v):
+        import importlib.util
+
+        missing = [name for name in dict.fromkeys(v) if name in OPTIONAL_TRACKERS and
+                   importlib.util.find_spec(OPTIONAL_TRACKERS[name]) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed; pip install {' '.join(missing)} (or "
+                             "pip install 'instune[trackers]'), or leave it out of report_to")
+        return list(dict.fromkeys(v))
+
 
 
 class ScalingConfig(Strict):

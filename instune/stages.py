@@ -164,6 +164,7 @@ def train_stage(config: ExperimentConfig):
     """Train on the prepared data; returns TrainOutputs."""
     from instune.data.manifest import MANIFEST, load_manifest
     from instune.train.checks import check_training_plan
+    from instune.train.trackers import data_report_attachments
     from instune.train.trainer import train_and_export, training_run
 
     storage.check_output_location(config.output_dir, "output_dir")
@@ -177,6 +178,7 @@ def train_stage(config: ExperimentConfig):
                         "before training)")
     run = training_run(config, model_path, rows=0 if config.data.stream else manifest["splits"]["train"]["rows"])
     check_training_plan(run.loop, packed=config.data.pack)
+    run.tracking.attachments.update(data_report_attachments(data_dir))
     start_ray(config.scaling, work_dir(config))
     if config.model.path is None:
         check_scratch_reachable(config, "the training workers load the embedded base model")

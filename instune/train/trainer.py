@@ -15,20 +15,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from instune.config import ExperimentConfig, settings_from
+from instune.config import ExperimentConfig, config_to_yaml, settings_from
 from instune.errors import UserError
 from instune.train.export import export_model
 from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
+from instune.train.trackers import TENSORBOARD_DIR, Tracking  # noqa: F401  (TENSORBOARD_DIR: where runs write it)
 
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_POLL_INTERVAL_S = "0.1"
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -58,6 +58,7 @@ class TrainingRun:
 
     loop: LoopSettings
     workers: WorkerSettings
+    tracking: Tracking = field(default_factory=Tracking)
 
 
 # The config sections a training run is built from (peft builds the loop's MethodSettings), and the fields of
@@ -74,6 +75,7 @@ NOT_IN_RUN_SETTINGS = {
     "model.max_length": "the data stage packs or cuts rows to it; the loop takes rows as they come",
     "train.epochs": "steps_for turns it into the loop's total_steps",
     "train.max_steps": "steps_for turns it into the loop's total_steps",
+    "train.report_to": "training_run puts it in the run's Tracking, which the metrics callback reports to",
     "scaling.resource_wait_s": "start_ray watches the placement groups' wait with it (instune/ray_runtime.py)",
     "train.objective": "not read yet: the loop trains sft only until the preference losses are wired in",
 }
@@ -90,7 +92,9 @@ def training_run(config: ExperimentConfig, model_path: str, rows: int,
     method = settings_from(MethodSettings, {"peft": config.peft})
     loop = settings_from(LoopSettings, sections, RENAMED, model_path=model_path, total_steps=total_steps,
                          method=method, eval_every=t.eval_every or t.log_every, eval_datasets=list(eval_datasets))
-    return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED))
+    tracking = Tracking(report_to=list(t.report_to), name=config.name, config=config.model_dump(mode="json"),
+                        attachments={"resolved_config.yaml": config_to_yaml(config)})
+    return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED), tracking)
 
 
 def steps_for(rows: int, num_workers: int, micro_batch_size: int, grad_accum: int, epochs: int,
@@ -110,33 +114,46 @@ def ray_worker_entry(settings: dict) -> None:
     run_training(LoopSettings.from_dict(settings), RaySession())
 
 
-def make_metrics_callback(metrics_file: Path, total_steps: int, tensorboard_dir: Path | None = None):
-    """A Ray Train callback (runs in the controller) that appends metrics to `metrics_file`, writes them to
-    TensorBoard under `tensorboard_dir`, and prints one progress line."""
+def make_metrics_callback(metrics_file: Path, total_steps: int, tracking: Tracking | None = None):
+    """A Ray Train callback (runs in the controller) that appends metrics to `metrics_file`, reports them to
+    the trackers of `tracking` (default: TensorBoard) beside it, and prints one progress line.
+
+    Ray Train calls a callback at reports and failures only, so the trackers are opened at the first report
+    and closed at the last step or at a failure."""
     import ray.train
+
+    from instune.train.trackers import open_trackers
+
+    tracking = tracking or Tracking()
 
     class MetricsToFile(ray.train.UserCallback):
         def __init__(self):
             self.start = time.time()
-            self.writer = None
+            self.trackers = None
 
         def after_report(self, run_context, metrics, checkpoint):
             m = dict(metrics[0])
             m["time_s"] = round(time.time() - self.start, 2)
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(m) + "\n")
-            if tensorboard_dir is not None:
-                if self.writer is None:
-                    from tensorboardX import SummaryWriter
-
-                    self.writer = SummaryWriter(str(tensorboard_dir))
-                for name, value in m.items():
-                    if name != "step" and isinstance(value, (int, float)):
-                        self.writer.add_scalar(name, value, m["step"])
-                self.writer.flush()
+            if self.trackers is None:
+                self.trackers = open_trackers(tracking, metrics_file.parent)
+            for tracker in self.trackers:
+                tracker.log(m, m["step"])
+            if m["step"] >= total_steps:
+                self.close(failed=False)
             extra = f" eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
             print(f"[train] step {m['step']}/{total_steps} loss {m['loss']:.4f}{extra} "
                   f"lr {m['lr']:.2e} tok/s {m['tokens_per_second']:.0f}", flush=True)
+
+        def after_exception(self, run_context, worker_exceptions):
+            # A restart (max_failures) reports again and reopens them; the same W&B and MLflow run resumes.
+            self.close(failed=True)
+
+        def close(self, failed: bool) -> None:
+            for tracker in self.trackers or []:
+                tracker.close(failed)
+            self.trackers = None
 
     return MetricsToFile()
 
@@ -144,15 +161,16 @@ def make_metrics_callback(metrics_file: Path, total_steps: int, tensorboard_dir:
 def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int, use_gpu: bool,
                      cpus_per_worker: float, gpus_per_worker: float, placement_strategy: str,
                      storage_dir: Path, run_name: str, max_failures: int = 0, callbacks: tuple = (),
-                     keep_checkpoints: int = 2, storage_uri: str | None = None):
+                     keep_checkpoints: int = 2, storage_uri: str | None = None, tracking: Tracking | None = None):
     """Run TorchTrainer on the given Ray Datasets; returns (Ray's Result, the metrics file).
 
     `callbacks`: more Ray Train UserCallbacks (a sweep's report to Tune). Checkpoints kept: the
     `keep_checkpoints` best by eval_loss when there is validation data, else the latest (Ray always keeps
     the latest too, for resume). `storage_uri`: a cloud URI that is Ray Train's storage path instead of
     `storage_dir`; metrics are still written under `storage_dir/run_name` as the run goes, and copied beside
-    the checkpoints when it ends. Raises UserError, before any worker starts, when the cluster cannot place
-    the workers or the run directory holds checkpoints this run cannot resume from.
+    the checkpoints when it ends. `tracking`: the trackers (train.report_to) and attachments; default TensorBoard
+    alone. Raises UserError, before any worker starts, when the cluster cannot place the workers or the run
+    directory holds checkpoints this run cannot resume from.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -192,7 +210,7 @@ def run_ray_training(settings: LoopSettings, datasets: dict, *, num_workers: int
                 num_to_keep=keep_checkpoints,
                 checkpoint_score_attribute="eval_loss" if scored else None,
                 checkpoint_score_order="min"),
-            callbacks=[make_metrics_callback(metrics_file, settings.total_steps, run_dir / TENSORBOARD_DIR),
+            callbacks=[make_metrics_callback(metrics_file, settings.total_steps, tracking),
                        *callbacks],
         ),
         datasets=datasets,
@@ -209,7 +227,8 @@ def train_and_export(run: TrainingRun, datasets: dict, tokenizer_path: str, *, s
     """Run `run` on Ray Train (resuming from `storage_dir/run`, or `storage_uri/run`) and export its best
     checkpoint under `export_dir` (adapter/ and merged/)."""
     result, metrics_file = run_ray_training(run.loop, datasets, storage_dir=storage_dir, run_name="run",
-                                            callbacks=callbacks, storage_uri=storage_uri, **asdict(run.workers))
+                                            callbacks=callbacks, storage_uri=storage_uri, tracking=run.tracking,
+                                            **asdict(run.workers))
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see {storage_uri or storage_dir}")
     with result.checkpoint.as_directory() as checkpoint_dir:
