@@ -156,7 +156,8 @@ def phase1_line(counts: dict, files: int, seconds: float) -> str:
             per_stage[row["stage"]] += row["rejected"]
     stages = ", ".join(f"{stage} {per_stage[stage]}" for stage in STAGES if per_stage[stage])
     return (f"[prepare] phase 1 (read, filter, dedup, score): {read} records from {files} files -> kept {kept}, "
-            f"rejected {read - kept}{f' ({stages})' if stages else ''} in {seconds:.1f} s")
+            f"rejected {read - kept}{f' ({stages})' if stages else ''} in {seconds:.1f} s "
+            f"({read / max(seconds, 1e-9):.0f} records/s)")
 
 
 def most_common_rejects(counts: dict, limit: int = 3) -> str:
@@ -236,7 +237,9 @@ def phase2_line(splits: dict, seq_len: int, seconds: float) -> str:
         parts.append(f"{name} {drawn} drawn -> {s['examples']} examples in {s['rows']} rows of {seq_len} tokens "
                      f"({s['packing_efficiency']:.0%} full), {s['dropped_total']} dropped at tokenization"
                      + (f", {expanded} examples from expanded conversations" if expanded else ""))
-    return f"[prepare] phase 2 (mix, tokenize, pack): {'; '.join(parts)} in {seconds:.1f} s"
+    examples = sum(s["examples"] for s in splits.values())
+    return (f"[prepare] phase 2 (mix, tokenize, pack): {'; '.join(parts)} in {seconds:.1f} s "
+            f"({examples / max(seconds, 1e-9):.0f} examples/s)")
 
 
 def _outcome_counts(batch: pa.Table, field: str) -> pa.Table:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from instune.eval.evaluate import EvalSet, EvalSettings, EvalWorker, SetResult, example_rows, score_sets
+from instune.progress import Progress
 
 
 def evaluate_with_ray(model_path: str, eval_sets: list[EvalSet], settings: EvalSettings, *, num_actors: int,
@@ -10,8 +11,9 @@ def evaluate_with_ray(model_path: str, eval_sets: list[EvalSet], settings: EvalS
                       cpus_per_actor: float = 1) -> tuple[list[SetResult], list[dict]]:
     """(one SetResult per set, per-example predictions), with `num_actors` model copies (a GPU each if asked).
 
-    Needs a running Ray (stages.start_ray). Examples are sorted by length before batching, so a batch pads
-    to similar lengths; every example carries its set and index, so the order rows come back in is free.
+    Needs a running Ray (instune/ray_runtime.py); prints progress lines with the rate and ETA. Examples are
+    sorted by length before batching, so a batch pads to similar lengths; every example carries its set and
+    index, so the order rows come back in is free.
     """
     import ray.data
 
@@ -26,4 +28,10 @@ def evaluate_with_ray(model_path: str, eval_sets: list[EvalSet], settings: EvalS
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
-    return score_sets(eval_sets, answered.take_all())
+    progress = Progress("eval", len(rows), "examples")
+    answers = []
+    for row in answered.iter_rows():
+        answers.append(row)
+        progress.update(len(answers))
+    print(progress.finished(f"{len(answers)} examples"), flush=True)
+    return score_sets(eval_sets, answers)
