@@ -123,6 +123,14 @@ _PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content"
           {"role": "assistant", "content": "Bye."}]
 
 
+def _render_or_error(render, *args, **kwargs) -> str | None:
+    """The render, or None where the template raises."""
+    try:
+        return render(*args, **kwargs)
+    except Exception:  # a template's refusal (raise_exception) or its own bug: compared, not raised
+        return None
+
+
 class ChatRenderer:
     """Renders {role, content} conversations with the tokenizer's chat template.
 
@@ -139,8 +147,11 @@ class ChatRenderer:
         self.variables = template_variables(tokenizer)
         try:
             self._direct = _direct_render(self.template, self.variables)
-            if not all(self._direct(messages=_PROBE[:k], add_generation_prompt=g) == self._slow(_PROBE[:k], g)
-                       for k in (2, 3, 5) for g in (False, True)):
+            # With and without a system turn: a template that refuses one (Gemma 2) must refuse it both ways.
+            probes = [_PROBE[:k] for k in (2, 3, 5)] + [_PROBE[1:k] for k in (3, 5)]
+            renders = [(_render_or_error(self._direct, messages=p, add_generation_prompt=g),
+                        _render_or_error(self._slow, p, g)) for p in probes for g in (False, True)]
+            if any(direct != slow for direct, slow in renders) or all(slow is None for _, slow in renders):
                 self._direct = None
         except Exception:  # any template or version quirk: the slow path is always right
             self._direct = None

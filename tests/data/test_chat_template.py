@@ -15,7 +15,7 @@ import pytest
 from instune.base_model import tokenizer_training_texts
 from instune.data.chat_template import (EXPANDED, SYSTEM_JOINED, TURNS_JOINED, ChatRenderer, TemplateRejected,
                                         place_turns, read_template)
-from instune.data.tokenize import IGNORE_INDEX, TokenizeError, encode_conversations
+from instune.data.tokenize import IGNORE_INDEX, TokenizeError, encode_conversations, tokenizer_parts
 from instune.default.tokenizer import train_tokenizer
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -115,6 +115,13 @@ def test_labels_are_each_answer_and_its_end_of_turn(base_tokenizer, family, with
     assert not isinstance(encoded, TokenizeError), encoded
     assert encoded.notes == NOTES.get(family, ((), ()))[with_system]
     assert_trains_each_answer_once(tokenizer, encoded, messages, FAMILIES[family][2])
+    # Ray workers render with the compiled template and the Rust tokenizer alone (TokenizerParts): the same.
+    parts = tokenizer_parts(tokenizer)
+    assert parts is not None  # also for a template that refuses the probe's system turn (Gemma 2)
+    [in_worker] = encode_conversations([messages], None, 100_000, "drop", *parts.build())
+    assert in_worker.notes == encoded.notes and len(in_worker.examples) == len(encoded.examples)
+    for (ids, labels), (worker_ids, worker_labels) in zip(encoded.examples, in_worker.examples):
+        assert ids.tolist() == worker_ids.tolist() and labels.tolist() == worker_labels.tolist()
     if not encoded.notes:
         # One example, the conversation exactly as transformers renders it with this template.
         [(ids, _)] = encoded.examples
