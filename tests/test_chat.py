@@ -5,6 +5,7 @@ does, and bad prompt lines are one-line errors naming the file and line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,17 @@ def test_bad_prompt_lines_and_settings_are_one_line_errors(embedded_model, tmp_p
     assert capsys.readouterr().err.startswith("instune: error: --set: chat.top_p: Input should be less than")
     assert main(["chat", str(tmp_path / "missing"), "--prompts", str(bad)]) == 2
     assert "MODEL:" in capsys.readouterr().err
+
+    # A base model whose tokenizer has no chat template: refused before any prompt is read.
+    untemplated = tmp_path / "untemplated"
+    shutil.copytree(embedded_model, untemplated)
+    (untemplated / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((untemplated / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (untemplated / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
+    assert main(["chat", str(untemplated), "--prompts", str(prompts)]) == 2
+    assert f"instune: error: MODEL: the tokenizer of {untemplated} has no chat template" in capsys.readouterr().err
 
 
 def test_interactive_chat_keeps_the_conversation_until_reset(embedded_model):
