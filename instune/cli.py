@@ -39,7 +39,7 @@ def parse_args(argv):
     chat.add_argument("--config", help="experiment YAML whose model and chat sections apply")
     chat.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a model.* or chat.* setting, e.g. --set chat.max_new_tokens=512")
-    from instune.jobs import add_job_commands
+    from instune.ray_jobs import add_job_commands
 
     add_job_commands(sub)
     return parser.parse_args(argv)
@@ -47,7 +47,7 @@ def parse_args(argv):
 
 def dispatch(args) -> int | None:
     if args.command in ("submit", "jobs"):
-        from instune.jobs import dispatch_job_command
+        from instune.ray_jobs import dispatch_job_command
 
         return dispatch_job_command(args)
     if args.command == "chat":

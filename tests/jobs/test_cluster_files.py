@@ -21,7 +21,7 @@ import ray
 import yaml
 
 from instune.config import load_config
-from instune.jobs import check_paths_for_cluster
+from instune.ray_jobs import STAGES, check_paths_for_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -168,15 +168,15 @@ def test_raycluster_has_a_cpu_head_and_autoscaling_gpu_workers():
     assert "nvidia.com/gpu" not in head
 
 
-def test_rayjob_runs_a_stage_script_on_a_config_that_is_fit_for_a_cluster():
+def test_rayjob_runs_a_stage_on_a_config_that_is_fit_for_a_cluster():
     job = load_yaml("kuberay/rayjob.yaml")
     jsonschema.validate(job, KUBERAY_SCHEMA)
     check_ray_cluster_spec(job["spec"]["rayClusterSpec"], load_yaml("kuberay/shared-storage.yaml")["metadata"]["name"])
     assert job["spec"]["shutdownAfterJobFinishes"] is True
-    # The image holds the project at /app (cluster/Dockerfile): the script and config must exist here.
-    python, script, config, *overrides = shlex.split(job["spec"]["entrypoint"])
-    assert python == "python" and script.startswith("/app/jobs/") and config.startswith("/app/")
-    assert (REPO / script.removeprefix("/app/")).is_file()
+    # The image installs the project from /app (cluster/Dockerfile): the stage and config must exist here.
+    python, m, module, stage, config, *overrides = shlex.split(job["spec"]["entrypoint"])
+    assert (python, m, module) == ("python", "-m", "instune") and config.startswith("/app/")
+    assert stage in STAGES
     loaded = load_config(REPO / config.removeprefix("/app/"), [o for o in overrides if o != "--set"])
     check_paths_for_cluster(loaded, config)
     assert loaded.output_dir.startswith(SHARED_MOUNT + "/")
@@ -205,7 +205,7 @@ def test_dockerfile_base_image_matches_the_ray_version_and_copies_what_exists():
     assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu", base)
     copied = [word for line in lines if line.startswith("COPY ") for word in line.split()[1:-1]
               if not word.startswith("--")]
-    assert "instune" in copied and "jobs" in copied and "cluster" in copied
+    assert "instune" in copied and "cluster" in copied
     for source in copied:
         assert (REPO / source).exists(), f"Dockerfile copies {source}, which the project lacks"
 

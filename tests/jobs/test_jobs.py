@@ -20,7 +20,7 @@ import ray
 import yaml
 
 from instune.errors import UserError
-from instune.jobs import (EXCLUDES, JOB_CONFIG, check_paths_for_cluster, connect, job_entrypoint, job_runtime_env,
+from instune.ray_jobs import (EXCLUDES, JOB_CONFIG, check_paths_for_cluster, connect, job_entrypoint, job_runtime_env,
                           pinned_requirements, pip_packages, plan_submission, stage_working_dir)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def test_pip_modes(tmp_path):
 
 def test_working_dir_is_the_project_without_local_state_plus_the_resolved_config(tmp_path):
     project = tmp_path / "project"
-    for keep in ["instune/jobs.py", "jobs/train.py", "configs/quickstart.yaml", "pyproject.toml"]:
+    for keep in ["instune/ray_jobs.py", "instune/__main__.py", "configs/quickstart.yaml", "pyproject.toml"]:
         (project / keep).parent.mkdir(parents=True, exist_ok=True)
         (project / keep).write_text("kept\n")
     for drop in [".venv/bin/python", "outputs/run/model.safetensors", ".git/HEAD", "instune/__pycache__/x.pyc",
@@ -112,16 +112,16 @@ def test_working_dir_is_the_project_without_local_state_plus_the_resolved_config
         (project / drop).write_text("dropped\n")
     shipped = stage_working_dir(project, "name: tiny\n", tmp_path / "shipped")
     files = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
-    assert files == sorted(["instune/jobs.py", "jobs/train.py", "configs/quickstart.yaml", "pyproject.toml",
+    assert files == sorted(["instune/ray_jobs.py", "instune/__main__.py", "configs/quickstart.yaml", "pyproject.toml",
                             JOB_CONFIG])
     assert (shipped / JOB_CONFIG).read_text() == "name: tiny\n"
     assert {".venv", "outputs", ".git"} <= set(EXCLUDES)
 
 
 def test_entrypoint_is_fixed_and_quoted():
-    assert job_entrypoint("train") == f"python jobs/train.py {JOB_CONFIG}"
+    assert job_entrypoint("train") == f"python -m instune train {JOB_CONFIG}"
     assert job_entrypoint("eval", "/mnt/shared/a b;rm -rf ~/merged") == \
-        f"python jobs/eval.py {JOB_CONFIG} --model '/mnt/shared/a b;rm -rf ~/merged'"
+        f"python -m instune eval {JOB_CONFIG} --model '/mnt/shared/a b;rm -rf ~/merged'"
     with pytest.raises(AssertionError):
         job_entrypoint("train; curl evil")
 
@@ -140,9 +140,9 @@ def test_plan_carries_the_resolved_config_with_overrides(tiny_config_file, tmp_p
     assert (plan.stage, plan.name, plan.pip, plan.overrides) == ("train", "tiny", None, ["train.lr=5e-4"])
 
 
-def test_job_entrypoint_scripts_run_the_stage_commands():
+def test_the_job_entrypoint_runs_the_stage_commands():
     for stage in ["prepare", "train", "eval", "sweep", "run"]:
-        result = subprocess.run([sys.executable, f"jobs/{stage}.py", "/no/such/config.yaml"], cwd=REPO,
+        result = subprocess.run([sys.executable, "-m", "instune", stage, "/no/such/config.yaml"], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr
         assert "instune: error: /no/such/config.yaml: config file not found" in result.stderr
@@ -215,7 +215,7 @@ def test_submit_runs_the_tiny_quickstart_as_a_job(loopback_head, tiny_config_fil
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     job_id = next(line.split()[2] for line in submitted.stdout.splitlines() if line.startswith("[submit] job "))
     # The logs streamed back are the job's: its entrypoint, then the run's summary of what it wrote.
-    assert f"Running entrypoint for job {job_id}: python jobs/run.py {JOB_CONFIG}" in submitted.stdout
+    assert f"Running entrypoint for job {job_id}: python -m instune run {JOB_CONFIG}" in submitted.stdout
     assert str(output_dir / "train" / "run" / "metrics.jsonl") in submitted.stdout
     assert submitted.stdout.rstrip().endswith(f"[submit] job {job_id} SUCCEEDED")
 
@@ -224,7 +224,7 @@ def test_submit_runs_the_tiny_quickstart_as_a_job(loopback_head, tiny_config_fil
     listed = instune_cli("jobs", "list", "--address", address, env=env)
     assert [line.split()[:3] for line in listed.stdout.splitlines()] == [[job_id, "SUCCEEDED", "run"]]
     logs = instune_cli("jobs", "logs", job_id, "--address", address, env=env)
-    assert f"Running entrypoint for job {job_id}: python jobs/run.py {JOB_CONFIG}" in logs.stdout
+    assert f"Running entrypoint for job {job_id}: python -m instune run {JOB_CONFIG}" in logs.stdout
     stop = instune_cli("jobs", "stop", job_id, "--address", address, env=env)
     assert stop.stdout.strip() == f"{job_id} was not running"
     missing = instune_cli("jobs", "status", "no-such-job", "--address", address, env=env)

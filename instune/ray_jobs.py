@@ -1,8 +1,8 @@
-"""Stages as Ray jobs: `instune submit STAGE CONFIG` and `instune jobs list|status|logs|stop`, plus the job side.
+"""Stages as Ray jobs: `instune submit STAGE CONFIG` runs one on a cluster, `instune jobs list|status|logs|stop` follows it.
 
 A submitted job's working directory is a copy of the project (without .venv, outputs, .git and caches) with the
 fully resolved config beside it as `job_config.yaml`, so the job runs exactly the config that was validated
-here. The entrypoint is fixed, `python jobs/STAGE.py job_config.yaml`: nothing in a config reaches a shell.
+here. The entrypoint is fixed, `python -m instune STAGE job_config.yaml`: nothing in a config reaches a shell.
 
 Outputs go to the config's `output_dir`: a cloud URI (s3://, gs://; stages publish there and Ray Train keeps
 its checkpoints there, see instune/storage.py), or an absolute path that every node mounts (NFS, EFS,
@@ -12,7 +12,6 @@ job, and Ray Train keeps its checkpoints under `output_dir/train`, which workers
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -36,7 +35,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
 def project_root() -> Path:
-    """The directory holding pyproject.toml, instune/ and jobs/: what a job ships."""
+    """The directory holding pyproject.toml and instune/: what a job ships."""
     return Path(__file__).resolve().parents[1]
 
 
@@ -121,7 +120,7 @@ def job_runtime_env(working_dir: Path, pip: list[str] | None) -> dict:
 def job_entrypoint(stage: str, model: str | None = None) -> str:
     """The job's command line; only the stage name (one of STAGES) and an eval model path go into it."""
     assert stage in STAGES, f"unknown stage {stage}"
-    words = ["python", f"jobs/{stage}.py", JOB_CONFIG]
+    words = ["python", "-m", "instune", stage, JOB_CONFIG]
     if model:
         words += ["--model", model]
     return shlex.join(words)
@@ -164,9 +163,9 @@ def plan_submission(stage: str, config_path: str, overrides: list[str], pip: str
 
     config = load_config(config_path, overrides)
     check_paths_for_cluster(config, config_path)
-    if not (project_root() / "jobs" / f"{stage}.py").is_file():
-        # An installed package (site-packages) is not a project to ship: it lacks jobs/ and pyproject.toml.
-        raise UserError(f"instune submit: {project_root()} has no jobs/{stage}.py; run it from a checkout of "
+    if not (project_root() / "pyproject.toml").is_file():
+        # An installed package (site-packages) is not a project to ship: it lacks pyproject.toml.
+        raise UserError(f"instune submit: {project_root()} has no pyproject.toml; run it from a checkout of "
                         f"the project (pip install -e .)")
     if model is not None and not Path(model).is_absolute():
         raise UserError(f"--model {model}: give an absolute path on storage every node mounts")
@@ -289,32 +288,4 @@ def dispatch_job_command(args) -> int:
         return 0
     stopped = client.stop_job(args.job_id)
     print(f"{args.job_id} {'stopping' if stopped else 'was not running'}")
-    return 0
-
-
-# ---------------------------------------------------------------- inside the job
-
-
-def job_main(stage: str, argv: list[str]) -> int:
-    """What `python jobs/STAGE.py CONFIG [--set ...]` runs inside a job: the same as `instune STAGE CONFIG`."""
-    if stage != "sweep":
-        from instune.cli import main
-
-        return main([stage, *argv])
-    parser = argparse.ArgumentParser(prog="jobs/sweep.py")
-    parser.add_argument("config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        from instune import stages
-        from instune.config import load_config
-
-        config = load_config(args.config, args.overrides)
-        sweep_stage = getattr(stages, "sweep_stage", None)
-        if sweep_stage is None:
-            raise UserError("sweep: this version of instune has no sweep stage (instune.stages.sweep_stage)")
-        sweep_stage(config)
-    except UserError as e:
-        print(f"instune: error: {e}", file=sys.stderr)
-        return 2
     return 0
