@@ -10,6 +10,9 @@ What cannot work, and why:
 - BitFit on a model with no bias terms (Llama-style models have none): nothing would train.
 - float16 under DDP: it needs loss scaling, which only the DeepSpeed strategy does here; bfloat16 does not.
 - flex_attention without a GPU: PyTorch's flex attention has no backward pass on the CPU.
+- varlen_attention without a GPU, or on a PyTorch without torch.nn.attention.varlen: its flash kernel is
+  CUDA-only (train/varlen_attention.py).
+- model.kernels: liger without a GPU or without the liger-kernel package: Liger's kernels are Triton (CUDA).
 - Raw `strategy.deepspeed` keys that pick another DeepSpeed checkpoint engine (the fast or decoupled writers,
   DataStates) or universal checkpoints: resuming reads DeepSpeed's files through its torch engine with the
   weights-only unpickler (strategies/deepspeed_load.py); universal checkpoints load with full pickle, and the
@@ -67,8 +70,30 @@ def check_training_plan(settings, packed: bool | None) -> None:
     if settings.attn_implementation == "flex_attention" and not settings.use_gpu:
         raise UserError("model.attn_implementation: flex_attention cannot train on the CPU (PyTorch has no "
                         "backward pass for it there); use sdpa, or scaling.use_gpu: true")
+    check_attention_and_kernels(settings)
     if settings.strategy == "deepspeed":
         check_deepspeed_checkpointing(settings.deepspeed)
+
+
+def check_attention_and_kernels(settings) -> None:
+    """Raise UserError for varlen attention or Liger's kernels where they cannot run (module docstring)."""
+    from instune.train.kernels import liger_installed
+    from instune.train.varlen_attention import VARLEN, varlen_available
+
+    if settings.attn_implementation == VARLEN:
+        if not settings.use_gpu:
+            raise UserError(f"model.attn_implementation: {VARLEN} cannot run on the CPU (PyTorch's varlen flash "
+                            "kernel is CUDA-only); use sdpa, or scaling.use_gpu: true")
+        if not varlen_available():
+            raise UserError(f"model.attn_implementation: {VARLEN} needs torch.nn.attention.varlen (PyTorch 2.9 or "
+                            "later); use sdpa or flex_attention")
+    if settings.kernels == "liger":
+        if not settings.use_gpu:
+            raise UserError("model.kernels: liger needs a CUDA GPU (Liger's kernels are Triton); use auto or none, "
+                            "or scaling.use_gpu: true")
+        if not liger_installed():
+            raise UserError("model.kernels: liger needs the liger-kernel package (pip install 'instune[gpu]'); "
+                            "use auto or none")
 
 
 def check_deepspeed_checkpointing(raw: dict) -> None:

@@ -63,6 +63,17 @@ def test_flex_attention_needs_a_gpu(tiny_model):
     check_training_plan(settings_for(tiny_model, attn_implementation="flex_attention", use_gpu=True), packed=True)
 
 
+def test_varlen_attention_and_liger_kernels_need_a_gpu(tiny_model):
+    assert refused(settings_for(tiny_model, attn_implementation="varlen_attention")).startswith(
+        "model.attn_implementation: varlen_attention cannot run on the CPU")
+    check_training_plan(settings_for(tiny_model, attn_implementation="varlen_attention", use_gpu=True), packed=True)
+    assert refused(settings_for(tiny_model, kernels="liger")).startswith("model.kernels: liger needs a CUDA GPU")
+    # liger-kernel is an optional extra (instune[gpu]); this environment has no CUDA and does not install it.
+    assert refused(settings_for(tiny_model, kernels="liger", use_gpu=True)) == (
+        "model.kernels: liger needs the liger-kernel package (pip install 'instune[gpu]'); use auto or none")
+    check_training_plan(settings_for(tiny_model, kernels="auto"), packed=True)
+
+
 def test_deepspeed_checkpoint_engines_that_load_outside_the_weights_only_reader_are_refused(tiny_model):
     writer = refused(settings_for(tiny_model, strategy="deepspeed",
                                   deepspeed={"checkpoint": {"writer": {"type": "fast"}, "load_universal": True}}))
