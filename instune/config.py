@@ -282,8 +282,11 @@ class DataConfig(Strict):
     max_record_bytes: int = Field(1_000_000, gt=0)
     # Pack tokenized examples into fixed-length bins of `model.max_length` tokens.
     pack: bool = True
-    # How a too-long example is handled: drop it (counted as a reject) or cut it at max_length.
-    truncation: Literal["drop", "truncate"] = "truncate"
+    # How a too-long example is handled (instune/data/truncate.py): prompt_left shortens the prompt from its
+    # left so the whole answer is kept, or keeps whole turns from the start, and drops the example (a reject
+    # with its reason) when no answer fits; truncate cuts the right end (a cut answer, or none left, is
+    # possible); drop drops anything too long.
+    truncation: Literal["prompt_left", "truncate", "drop"] = "prompt_left"
     # Target size of the train mixture (records, before tokenization); unset keeps every kept record once.
     mix_size: int | None = Field(None, gt=0)
     # Fraction of each source held out as in-domain validation data for eval during training.

@@ -83,7 +83,7 @@ def prepare(config: ExperimentConfig, tokenizer_path: str, data_dir: Path, eval_
             if not splits["train"]["rows"]:
                 reasons = {k["reason"] for kinds in splits["train"]["dropped"].values() for k in kinds}
                 raise UserError(f"data: every record drawn for training was dropped at tokenization "
-                                f"({'; '.join(sorted(reasons))}); raise model.max_length or set data.truncation: truncate")
+                                f"({'; '.join(sorted(reasons))}); raise model.max_length")
         manifest = build_manifest(config.model_dump(mode="json"), counts, mixture_summary(kept, mix, copies, splits),
                                   splits, streamed=d.stream, seq_len=config.model.max_length,
                                   tokenizer_path=tokenizer_path)

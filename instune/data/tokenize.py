@@ -20,7 +20,7 @@ import numpy as np
 
 from instune.data.chat_template import ChatRenderer, TemplateRejected, place_turns
 
-IGNORE_INDEX = -100
+from instune.data.truncate import IGNORE_INDEX, fit_tokens
 
 
 class TokenizeError(ValueError):
@@ -224,14 +224,9 @@ def encode_conversations(conversations: list[list[dict]], tokenizer, max_length:
 
 def fit(ids: np.ndarray, labels: np.ndarray, max_length: int, truncation: str
         ) -> tuple[np.ndarray, np.ndarray] | TokenizeError:
-    """One example cut to `max_length` as `truncation` says, or the TokenizeError that drops it."""
-    if len(ids) > max_length:
-        if truncation == "drop":
-            return TokenizeError(f"{len(ids)} tokens is over max_length {max_length}")
-        ids, labels = ids[:max_length], labels[:max_length]
-    if not (labels != IGNORE_INDEX).any():
-        return TokenizeError("no assistant tokens left to train on (after truncation)")
-    return ids, labels
+    """One example cut to `max_length` as `truncation` says (truncate.py), or the TokenizeError that drops it."""
+    fitted = fit_tokens(ids, labels, max_length, truncation)
+    return TokenizeError(fitted) if isinstance(fitted, str) else fitted
 
 
 def tokenize_batch(conversations: list[list[dict]], tokenizer, max_length: int,
