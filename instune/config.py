@@ -237,6 +237,18 @@ class DedupConfig(Strict):
     near: NearDedupConfig | None = None
 
 
+class PreExperienceConfig(Strict):
+    """The brief full fine-tune of the reference before IFD scoring (data.score.reference: pre_experienced);
+    the paper trained on 1,000 sampled records for one epoch (instune/data/pre_experience.py)."""
+
+    # Records sampled from what survives dedup (a seeded hash of their ids, so any cluster draws the same).
+    size: int = Field(1000, gt=0)
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+
+
 class ScoreConfig(Strict):
     """Reference-model scoring after dedup: response perplexity, or IFD (instruction-following difficulty,
     Li et al. 2023 "From Quantity to Quality": loss of the response given the instruction over its loss alone).
@@ -245,7 +257,8 @@ class ScoreConfig(Strict):
     # A Hugging Face model directory; unset means the run's base model (and its tokenizer).
     model_path: str | None = None
     metric: Literal["ifd", "perplexity"] = "ifd"
-    # IFD above 1 means the instruction does not help predict the response; the paper drops those.
+    # IFD above 1 means the instruction does not help predict the response; the paper drops those, so for
+    # metric ifd an unset max_score is 1.0 (write `max_score: null` to keep them).
     min_score: float | None = None
     max_score: float | None = None
     # Keep this fraction of each source's scored records (after the thresholds), the best first.
@@ -260,6 +273,18 @@ class ScoreConfig(Strict):
     max_batch_tokens: int = Field(16384, gt=0)
     # Ray Data actors, each holding one copy of the model (one GPU each when the cluster has GPUs).
     num_actors: int = Field(1, gt=0)
+    # The model that scores: "base" is model_path (or the run's base model) as it is; "pre_experienced" first
+    # fine-tunes it briefly on a sample of the data (`pre_experience`), as IFD was published (Li et al. 2024).
+    # A raw base that never saw the format predicts answers as badly with the instruction as without: on
+    # the embedded (randomly initialised) base IFD is about 1 everywhere.
+    reference: Literal["base", "pre_experienced"] = "base"
+    pre_experience: PreExperienceConfig = PreExperienceConfig()
+
+    @model_validator(mode="after")
+    def _ifd_drops_above_one(self):
+        if self.metric == "ifd" and "max_score" not in self.model_fields_set:
+            self.__dict__["max_score"] = 1.0  # not an assignment: that would validate the model again
+        return self
 
 
 class OutcomeMarkerConfig(Strict):

@@ -37,6 +37,7 @@ from instune.data.accounting import most_common_rejects, outcome_counts, phase1_
 from instune.data.filters import build_checks
 from instune.data.manifest import MANIFEST, build_manifest, file_digests
 from instune.data.mix import mixture_copies, mixture_summary
+from instune.data.pre_experience import PreExperience
 from instune.data.sources import SourceFiles, plan_sources, read_all, read_counts
 from instune.data.splits import phase2_arguments, start_loading_tokenizer_parts, write_splits
 from instune.errors import UserError
@@ -59,7 +60,8 @@ def prepare(config: ExperimentConfig, tokenizer_path: str, data_dir: Path, eval_
 
     d = config.data
     sources = plan_sources(d.sources)
-    scoring = score_arguments(d.score, model_path, tokenizer_path, config.model.max_length) if d.score else None
+    scoring = score_arguments(d.score, model_path, tokenizer_path, config.model.max_length, d.truncation) \
+        if d.score else None
     mix = phase2_arguments(config, tokenizer_path)
     files = sum(len(s.files) for s in sources)
     started = time.time()
@@ -166,7 +168,8 @@ def token_counter(tokenizer_path: str, filters: FilterConfig):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def score_arguments(score: ScoreConfig, model_path: str | None, tokenizer_path: str, max_length: int) -> dict:
+def score_arguments(score: ScoreConfig, model_path: str | None, tokenizer_path: str, max_length: int,
+                    truncation: str) -> dict:
     """Keyword arguments of `score.score_dataset` from `data.score`; the model defaults to the run's base model."""
     if score.model_path:
         from instune.base_model import check_model_dir
@@ -185,4 +188,7 @@ def score_arguments(score: ScoreConfig, model_path: str | None, tokenizer_path: 
     return {"model_path": path, "tokenizer_path": tokenizer, "metric": score.metric, "max_length": max_length,
             "batch_size": score.batch_size, "max_batch_tokens": score.max_batch_tokens,
             "num_actors": score.num_actors, "min_score": score.min_score,
-            "max_score": score.max_score, "top_fraction": score.top_fraction, "keep": score.keep}
+            "max_score": score.max_score, "top_fraction": score.top_fraction, "keep": score.keep,
+            "truncation": truncation,
+            "pre_experience": PreExperience(**score.pre_experience.model_dump())
+            if score.reference == "pre_experienced" else None}

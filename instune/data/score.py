@@ -8,8 +8,11 @@ ratio: near 0 when the instruction makes the answer easy to predict, near 1 when
 when it misleads. The first answer token has no context on its own, so it is left out of both sides.
 Perplexity is exp(conditioned loss) over all answer tokens.
 
-Conversations are truncated to `max_length` as training would truncate them. One with no assistant token
-left gets no score (NaN); it is kept here and accounted for where tokenization drops it.
+Conversations are truncated to `max_length` as training would truncate them (data.truncation). One with no
+assistant token left gets no score (NaN); it is kept here and accounted for where tokenization drops it.
+
+IFD as published also drops IFD > 1 (the config's default max_score for ifd) and scores with a reference
+that was first trained briefly on a sample of the data (reference: pre_experienced, pre_experience.py).
 
 `score_dataset` runs a Ray Data actor pool (one model per actor, a GPU each when the cluster has GPUs),
 then selects per source by thresholds and top fraction; rejects carry stage "score" and the score.
@@ -25,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from instune.data.filters import mark_table, split_marked
+from instune.data.pre_experience import PreExperience, pre_experienced_reference
 from instune.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
 
 STAGE = "score"
@@ -91,7 +95,7 @@ class ReferenceScorer:
     """Ray Data actor: holds a reference model; adds a `_score` column and puts the scores in `metadata`."""
 
     def __init__(self, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
-                 max_batch_tokens: int):
+                 max_batch_tokens: int, truncation: str = "prompt_left"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,7 +105,7 @@ class ReferenceScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
         self.model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_path)).to(self.device).eval()
         self.metric, self.max_length, self.batch_size = metric, max_length, batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens, self.truncation = max_batch_tokens, truncation
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def losses(self, examples: list[Tokenized]) -> list[np.ndarray]:
@@ -115,7 +119,7 @@ class ReferenceScorer:
 
     def scores(self, conversations: list[list[dict]]) -> list[dict]:
         """{"perplexity", "ifd"} per conversation ({} when nothing of its answer is left to score)."""
-        tokenized = tokenize_batch(conversations, self.tokenizer, self.max_length, "truncate")
+        tokenized = tokenize_batch(conversations, self.tokenizer, self.max_length, self.truncation)
         ok = [i for i, t in enumerate(tokenized) if isinstance(t, Tokenized)]
         conditioned = self.losses([tokenized[i] for i in ok])
         alone = self.losses([answer_only(tokenized[i]) for i in ok]) if self.metric == "ifd" else [None] * len(ok)
@@ -205,17 +209,26 @@ def scores_by_source(scored) -> dict[str, np.ndarray]:
 def score_dataset(ds, *, model_path: str, tokenizer_path: str, metric: str, max_length: int, batch_size: int,
                   max_batch_tokens: int, num_actors: int, num_gpus: float, min_score: float | None,
                   max_score: float | None, top_fraction: float | None, keep: str | None, work_dir: str | None = None,
-                  quarantine: str | None = None):
+                  quarantine: str | None = None, truncation: str = "prompt_left",
+                  pre_experience: PreExperience | None = None):
     """(kept records with scores in their metadata, reject rows); the scored records are computed once
     (written to `work_dir`, see raydata.persist). With a `quarantine` directory the rejects are written there
-    instead of returned (filters.split_marked)."""
+    instead of returned (filters.split_marked). With `pre_experience`, the reference is first trained briefly on
+    a sample of `ds` (pre_experience.py, written under `work_dir`) and that model scores."""
     from instune.data.raydata import persist
+
+    if pre_experience is not None:
+        import tempfile
+
+        out_dir = f"{work_dir}/pre_experienced" if work_dir else tempfile.mkdtemp(prefix="pre_experienced-")
+        model_path = tokenizer_path = pre_experienced_reference(ds, model_path, tokenizer_path, out_dir, max_length,
+                                                                pre_experience, num_gpus)
 
     scored = persist(ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"model_path": model_path, "tokenizer_path": tokenizer_path, "metric": metric,
                                "max_length": max_length, "batch_size": batch_size,
-                               "max_batch_tokens": max_batch_tokens},
+                               "max_batch_tokens": max_batch_tokens, "truncation": truncation},
         batch_size=max(batch_size * 8, 64), batch_format="pyarrow", concurrency=num_actors, num_gpus=num_gpus,
     ), work_dir)
     highest = best_is_highest(metric, keep)

@@ -204,7 +204,7 @@ def prepared(tmp_path_factory, model_dir, local_ray):
         root, sources, max_record_bytes=4000, truncation="drop", mix_size=MIX_SIZE, validation_fraction=0.1,
         filters={"length": {"max_turn_chars": 1500}, "language": {}, "quality": {}},
         dedup={"exact": True, "near": {}},
-        score={"top_fraction": 0.9},
+        score={"top_fraction": 0.9, "max_score": None},
         outcome_markers={"success": "GOOD RUN.", "failure": "BAD RUN."})
     data_dir = root / "out" / "data"
     printed = io.StringIO()

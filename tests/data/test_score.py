@@ -84,8 +84,8 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "[1, 2, 3]"}],
     [{"role": "user", "content": "Convert 5 km to miles, and show the working in full detail."},
      {"role": "assistant", "content": "5 km is about 3.11 miles."}],
-    # The prompt alone is longer than max_length: nothing of the answer is left to score.
-    [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}],
+    # The answer alone is longer than max_length: it cannot be kept whole, so there is nothing to score.
+    [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "word " * 200}],
 ]
 
 
@@ -99,7 +99,7 @@ def mean_loss(model, input_ids: list[int], labels: list[int]) -> float:
 
 def expected_scores(model, tokenizer, messages) -> tuple[float, float]:
     """(IFD, perplexity) worked out one example at a time."""
-    [t] = tokenize_batch([messages], tokenizer, 64, "truncate")
+    [t] = tokenize_batch([messages], tokenizer, 64, "prompt_left")  # as training truncates by default
     answer = [i for i, label in zip(t.input_ids, t.labels) if label != IGNORE_INDEX]
     first = next(k for k, label in enumerate(t.labels) if label != IGNORE_INDEX)
     given_prompt = mean_loss(model, t.input_ids, t.labels[:first] + [IGNORE_INDEX] + t.labels[first + 1:])
