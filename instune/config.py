@@ -61,9 +61,19 @@ class ModelConfig(Strict):
     # flex_attention takes packed rows' block-diagonal mask in its fused kernel, where SDPA falls back to a
     # slower masked one: +14% tokens/s (LoRA) and +15% (full) on a 1.1B Llama on an H200, the same losses
     # (bench/train_gpu.py). It needs a GPU (PyTorch has no backward for it on the CPU) and compiles on the
-    # first steps, so short runs gain little.
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    # first steps, so short runs gain little. varlen_attention runs PyTorch's varlen flash kernel over each
+    # packed example with no mask at all (train/varlen_attention.py); CUDA only, PyTorch 2.9 or later.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention", "varlen_attention"] = "sdpa"
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing, the fraction of decoder layers that recompute their activations in the
+    # backward pass (spread over the stack; train/decoder_layers.py): each costs about a third more compute for
+    # that layer, so checkpoint as few as fit in memory.
+    gradient_checkpointing_fraction: float = Field(1.0, gt=0, le=1)
+    # Fused kernels (train/kernels.py). liger: Liger's Triton RMSNorm, SwiGLU and RoPE for the families it
+    # patches, and its fused linear cross-entropy; needs a CUDA GPU and `pip install 'instune[gpu]'`. none:
+    # PyTorch's modules and a chunked pure-PyTorch loss; either way no logits tensor is built. auto: liger where
+    # it can run, else none, saying why in one line.
+    kernels: Literal["auto", "liger", "none"] = "auto"
 
     @field_validator("chat_template")
     @classmethod
@@ -391,6 +401,10 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     # Worker-group restarts from the latest checkpoint after a worker dies.
     max_failures: int = Field(0, ge=0)
+    # Compile each decoder layer with torch.compile (regional compilation, train/decoder_layers.py): the layers
+    # share one compiled graph, so compiling takes about as long as for one; the first steps are slower. Checked
+    # on the CPU for DDP with full and LoRA; untested with DeepSpeed ZeRO-3, whose parameter hooks run inside.
+    compile: bool = False
     # Where the metrics go besides metrics.jsonl, each with the resolved config and the data report attached
     # (train/trackers.py): tensorboard (run_dir/tensorboard), wandb (WANDB_MODE=offline needs no account),
     # mlflow (MLFLOW_TRACKING_URI, else a SQLite store beside the run). wandb and mlflow are optional installs.
@@ -410,7 +424,6 @@ class TrainConfig(Strict):
             raise ValueError(f"{', '.join(missing)} not installed; pip install {' '.join(missing)} (or "
                              "pip install 'instune[trackers]'), or leave it out of report_to")
         return list(dict.fromkeys(v))
-
 
 
 class ScalingConfig(Strict):

@@ -15,10 +15,12 @@ from instune.train.trainer import (NOT_IN_RUN_SETTINGS, RENAMED, RUN_SECTIONS, W
 
 # Not the defaults, so a value that does not arrive is seen.
 CHANGED = {
-    "model": {"dtype": "bfloat16", "attn_implementation": "eager", "gradient_checkpointing": True},
+    "model": {"dtype": "bfloat16", "attn_implementation": "eager", "gradient_checkpointing": True,
+              "gradient_checkpointing_fraction": 0.5, "kernels": "none"},
     "train": {"lr": 0.123, "micro_batch_size": 3, "grad_accum": 2, "warmup_ratio": 0.5, "weight_decay": 0.25,
               "max_grad_norm": 0.5, "log_every": 7, "seed": 11, "head_dropout": 0.5, "optimizer": "sgd",
-              "eval_every": 3, "checkpoint_every": 5, "keep_checkpoints": 4, "max_failures": 3, "max_steps": 9},
+              "eval_every": 3, "checkpoint_every": 5, "keep_checkpoints": 4, "max_failures": 3, "max_steps": 9,
+              "compile": True},
     "strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_params": True,
                  "deepspeed": {"zero_optimization": {"stage3_max_live_parameters": 1000}}},
     "scaling": {"num_workers": 3, "use_gpu": True, "cpus_per_worker": 2, "gpus_per_worker": 0.5,
