@@ -126,10 +126,10 @@ def test_eval_model_and_scoring_reference_accept_a_hub_id(offline_hub, tiny_mode
     from instune.eval.load import check_eval_model
 
     assert check_eval_model("acme/tiny-chat", None) == "acme/tiny-chat"
-    args = score_arguments(ScoreConfig(model_path="acme/tiny-chat"), None, "unused", 64)
+    args = score_arguments(ScoreConfig(model_path="acme/tiny-chat"), None, "unused", 64, "prompt_left")
     assert (args["model_path"], args["tokenizer_path"]) == ("acme/tiny-chat", "acme/tiny-chat")
     with pytest.raises(UserError, match=r"^data\.score\.model_path: acme/gone is not a local directory"):
-        score_arguments(ScoreConfig(model_path="acme/gone"), None, "unused", 64)
+        score_arguments(ScoreConfig(model_path="acme/gone"), None, "unused", 64, "prompt_left")
 
 
 def test_local_paths_are_never_taken_for_hub_ids(tiny_model_dir, tmp_path):
