@@ -308,7 +308,7 @@ def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
     from instune.eval.compare import per_set_rows, summary_rows
     from instune.eval.evaluate import SetResult
     from instune.eval.load import check_eval_model, is_adapter_dir
-    from instune.report.document import markdown_table
+    from instune.report.format import markdown_table
 
     if not config.eval.sets:
         raise UserError("eval.sets: no eval sets configured; add at least one to evaluate")
@@ -346,7 +346,7 @@ def run_all(config: ExperimentConfig) -> dict:
     without_marker = eval_stage(config, str(outputs.merged_dir or outputs.adapter_dir), "tuned_no_marker",
                                 with_marker=False) if config.eval.sets and eval_prompt_marker(config) else None
     from instune.atomic import write_text
-    from instune.report.document import markdown_table
+    from instune.report.format import markdown_table
 
     table = ""
     if config.eval.sets:

@@ -13,7 +13,7 @@ Two phases, both streaming Ray Datasets with disk in between:
 Every record is accounted for (accounting.py): read == kept + rejected per source and per stage in phase 1,
 and in phase 2 every record drawn into a split is packed or dropped at tokenization (with its reason). The
 manifest (manifest.py) holds these counts, the requested and realised mixture, and `report/` a readable
-report with figures (report.py).
+report with figures (data_report.py).
 
 Layout: filtered/ and quarantine/ (phase 1), train/ and validation/ (packed rows), dropped/<split>/ (records
 dropped at tokenization, with reasons), adjusted/<split>/ (records the chat template needed an adjustment for,
@@ -56,7 +56,7 @@ def prepare(config: ExperimentConfig, tokenizer_path: str, data_dir: Path, eval_
     """
     import ray
 
-    from instune.data.report import write_data_report
+    from instune.data.data_report import write_data_report
 
     d = config.data
     sources = plan_sources(d.sources)

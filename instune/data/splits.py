@@ -180,7 +180,8 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
 
     `size` is the size of the train mixture: with a validation split, copies are worked out over the records
     outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
-    `drops_dir/<split>/`, and records the chat template adjusted under `adjusted_dir/<split>/`. `concurrency` caps the tokenize tasks running at once; None runs one per CPU.
+    `drops_dir/<split>/`, and records the chat template adjusted under `adjusted_dir/<split>/`. `concurrency`
+    caps the tokenize tasks running at once; None runs one per CPU.
     `tokenizer_parts` (of the tokenizer at `tokenizer_path`) is loaded here when not given.
     """
     import ray

@@ -1,5 +1,5 @@
 """Summary figures and table rows: generalisation score, in-domain and out-of-domain means, the gap, and
-how each changes from base to tuned. `instune.report.document.markdown_table` renders the rows.
+how each changes from base to tuned. `instune.report.format.markdown_table` renders the rows.
 
 Means are over domains, not sets or examples: each domain's sets are averaged first, so a domain with three
 eval sets weighs as much as a domain with one.

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from instune.atomic import atomic_dir, write_text
+from instune.report.format import format_cell, markdown_table
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Code:
 @dataclass
 class Table:
     columns: list[str]
-    rows: list[list]  # floats are shown with 4 significant digits, None and NaN as "-"
+    rows: list[list]  # cells as format.format_cell shows them: 4 significant digits, None and NaN as "-"
     title: str | None = None
     caption: str | None = None
 
@@ -52,25 +52,6 @@ Section = Text | Code | Table | Image
 class ReportPaths:
     html: Path
     markdown: Path
-
-
-def format_cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown_table(columns: list[str], rows: list[list]) -> str:
-    def line(cells):
-        return "| " + " | ".join(format_cell(c).replace("|", "\\|") for c in cells) + " |"
-
-    # Right-align the columns that hold only numbers.
-    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)
-               for i in range(len(columns))]
-    return "\n".join([line(columns), "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
-                      *(line(r) for r in rows)])
 
 
 def image_bytes(image: Image) -> bytes:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import math
 
-import matplotlib
+from instune.eval.compare import FIGURES, METRICS, summary
+from instune.report.format import figure_png, format_cell, pyplot
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from instune.eval.compare import FIGURES, METRICS, summary  # noqa: E402
-from instune.report.document import format_cell  # noqa: E402
+plt = pyplot()
 
 BEFORE_COLOR, AFTER_COLOR = "#9e9e9e", "#1f77b4"
 BAR_METRICS = ["exact_match", "rouge_l", "chrf", "loss"]
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _finite(value) -> float:
@@ -44,7 +33,7 @@ def learning_curves_png(metric_rows: list[dict]) -> bytes:
     ax_lr.plot(steps, [r.get("lr", float("nan")) for r in metric_rows], color="#ff7f0e")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     ax_lr.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _by_kind(results):
@@ -77,7 +66,7 @@ def domain_bars_png(before, after=None, before_label: str = "base", after_label:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("per eval set (left of the dashed line: in-domain; right: out-of-domain)", fontsize=10)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def gap_png(before, after=None, before_label: str = "base", after_label: str = "tuned") -> bytes:
@@ -103,7 +92,7 @@ def gap_png(before, after=None, before_label: str = "base", after_label: str = "
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _is_number(value) -> bool:
@@ -130,4 +119,4 @@ def hyperparameter_png(trials: list[dict], params: list[str], metric: str) -> by
             ax.set_xticklabels(categories, rotation=30, ha="right", fontsize=8)
         ax.set(xlabel=param, ylabel=metric, title=param)
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)

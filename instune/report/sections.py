@@ -9,12 +9,11 @@ import json
 import math
 from pathlib import Path
 
+from instune.data.data_report import REPORT_DIR
+from instune.data.manifest import MANIFEST
 from instune.eval.compare import per_set_rows, summary, summary_rows
 from instune.report import figures
 from instune.report.document import Code, Image, Section, Table, Text
-
-MANIFEST = "manifest.json"
-DATA_FIGURES_DIR = "report"
 
 
 def config_sections(config_yaml: str) -> list[Section]:
@@ -45,13 +44,15 @@ def data_sections(data_dir: str | Path) -> list[Section]:
     if manifest_file.is_file():
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("sources"):
-            sections.append(_named_table(manifest["sources"], "source", "data: sources"))
+            from instune.data.accounting import source_table
+
+            sections.append(Table(*source_table(manifest["sources"]), title="data: sources"))
         if manifest.get("splits"):
             sections.append(_named_table(manifest["splits"], "split", "data: splits"))
         weights = (manifest.get("mixture") or {}).get("weights")
         if weights:
             sections.append(Table(["source", "weight"], [[k, v] for k, v in weights.items()], title="data: mixture"))
-    for png in sorted((data_dir / DATA_FIGURES_DIR).glob("*.png")):
+    for png in sorted((data_dir / REPORT_DIR).glob("*.png")):
         sections.append(Image(png, title=f"data: {png.stem.replace('_', ' ')}"))
     return sections
 

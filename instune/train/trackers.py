@@ -56,7 +56,7 @@ def data_report_attachments(data_dir: str) -> dict[str, str]:
     """The prepared data's report and manifest (local directory or URI) as attachments; those missing are left out."""
     from instune import storage
     from instune.data.manifest import MANIFEST
-    from instune.data.report import REPORT_DIR
+    from instune.data.data_report import REPORT_DIR
 
     found = {}
     for name, location in [("data_report.md", storage.join(data_dir, REPORT_DIR, "report.md")),

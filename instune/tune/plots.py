@@ -1,15 +1,14 @@
 """Sweep plots (PNG, matplotlib's Agg backend, no display needed); each returns its path, or None when
-there is nothing to draw. The caller writes them into a directory made atomic as a whole (report.py)."""
+there is nothing to draw. The caller writes them into a directory made atomic as a whole (results.py)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
+from instune.report.format import pyplot, save_figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+plt = pyplot()
 
 STATUS_MARKERS = {"finished": "o", "stopped": "x"}
 CURVE_KEYS = ("loss", "in_domain_loss", "out_of_domain_loss")
@@ -18,12 +17,6 @@ CURVE_KEYS = ("loss", "in_domain_loss", "out_of_domain_loss")
 def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(float(value)) else None
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def _grid(count: int, width: float = 4.0, height: float = 3.2):
@@ -58,7 +51,7 @@ def plot_objective_vs_params(rows: list[dict], columns: list[str], objective: st
         ax.set_ylabel(objective)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{objective} by swept value")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
@@ -76,7 +69,7 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path) -> Path | No
         ax.set_ylabel(key)
     axes[0].legend(fontsize="x-small")
     fig.suptitle("learning curves")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mix(rows: list[dict], mix_names: list[str], measure: str, path: Path) -> Path | None:
@@ -96,4 +89,4 @@ def plot_mix(rows: list[dict], mix_names: list[str], measure: str, path: Path) -
         ax.set_ylabel(measure)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"mix weights against in-domain and out-of-domain {measure}")
-    return _save(fig, path)
+    return save_figure(fig, path)

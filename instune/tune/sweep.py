@@ -7,7 +7,7 @@ Everything the sweep writes is under `<output_dir>/sweep/`:
   by_domain/          the prepared records keyed by domain (mix.by: domain)
   tune/               Tune's experiment state: an interrupted sweep resumes from it
   trials/<id>/        one trial's values, training run, adapter and final metrics (trial.py)
-  results.md, results.csv, best_config.yaml, plots/   (report.py)
+  results.md, results.csv, best_config.yaml, plots/   (results.py)
 
 With a URI output_dir, `tune/` and the trials' Train runs live in the bucket (Tune's and Ray Train's storage
 path), the trials' files are copied there as each ends, and the results are uploaded at the end. The trials
@@ -23,7 +23,7 @@ from pathlib import Path
 from instune import storage
 from instune.errors import UserError
 from instune.tune.objective import mode_of, sets_needed
-from instune.tune.report import SweepPaths
+from instune.tune.results import SweepPaths
 from instune.tune.space import check_param_paths, mix_names, param_space
 from instune.tune.trial import RESULT_FILES, TRIALS_DIR, TrialPlan, run_trial
 
@@ -134,7 +134,7 @@ def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurre
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from instune.tune.report import TrialLines
+    from instune.tune.results import TrialLines
 
     if experiment_uri:
         # Tune gets the filesystem itself: the URI's options (region, endpoint) are not part of a path.
@@ -184,7 +184,7 @@ def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenize
 
     from instune.atomic import write_text
     from instune.config import config_to_yaml
-    from instune.tune.report import write_results
+    from instune.tune.results import write_results
 
     config_yaml = config_to_yaml(config)
     check_same_sweep(sweep_uri or sweep_dir, config_yaml)

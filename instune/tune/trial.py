@@ -32,7 +32,7 @@ ERROR_FILE = "error.txt"
 # only from here (Tune keeps it in the trial's last result, which a trial that never reported lacks).
 SAMPLED_FILE = "sampled.json"
 METRICS_FILE = "train/run/metrics.jsonl"
-# What the sweep's results are made of (report.py), relative to a trial's directory.
+# What the sweep's results are made of (results.py), relative to a trial's directory.
 RESULT_FILES = (TRIAL_FILE, FINAL_FILE, ERROR_FILE, SAMPLED_FILE, METRICS_FILE)
 
 

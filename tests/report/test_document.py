@@ -7,8 +7,9 @@ import subprocess
 
 import pytest
 
-from instune.report.document import Code, Image, Table, Text, format_cell, markdown_table, write_report
+from instune.report.document import Code, Image, Table, Text, write_report
 from instune.report.figures import learning_curves_png
+from instune.report.format import format_cell, markdown_table
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -17,8 +17,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from instune.data.schema import EXAMPLE_CHARS
+from instune.report.format import format_cell, markdown_table, pyplot, save_figure
+
 REPORT_DIR = "report"
-EXAMPLE_CHARS = 120
 SCAN_BATCH_ROWS = 4096
 
 
@@ -81,25 +83,14 @@ def language_mix(conversations: list[list[dict]]) -> Counter:
 # ---------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _plt().close(fig)
-    return path.name
+    """Save the figure beside report.md; returns the name the report links."""
+    return save_figure(fig, path).name
 
 
 def stages_figure(sources: dict, stages: list[str], path: Path) -> str:
     """Records remaining after each stage, one line per source."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, counts in sources.items():
         remaining = [counts["read"]] + [row["out"] for row in counts["stages"]]
@@ -114,7 +105,7 @@ def stages_figure(sources: dict, stages: list[str], path: Path) -> str:
 
 def rejects_figure(rows: list[dict], path: Path, limit: int = 15) -> str:
     """The most frequent kinds of reject reason, summed over sources."""
-    plt = _plt()
+    plt = pyplot()
     totals = Counter()
     for r in rows:
         totals[f"{r['stage']}: {r['reason']}"[:70]] += r["count"]
@@ -129,7 +120,7 @@ def rejects_figure(rows: list[dict], path: Path, limit: int = 15) -> str:
 
 def histogram_figure(values: np.ndarray, path: Path, *, title: str, xlabel: str, log: bool = False,
                      mark: float | None = None) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     values = np.asarray(values, dtype=float)
     bins = np.geomspace(max(values.min(), 1), max(values.max(), 2), 40) if log else 40
@@ -146,7 +137,7 @@ def histogram_figure(values: np.ndarray, path: Path, *, title: str, xlabel: str,
 
 def bars_figure(labels: list[str], series: dict[str, list[float]], path: Path, *, title: str, ylabel: str) -> str:
     """Grouped bars: one group per label, one bar per series."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) + 2), 3.5))
     width = 0.8 / len(series)
     for k, (name, values) in enumerate(series.items()):
@@ -162,23 +153,9 @@ def bars_figure(labels: list[str], series: dict[str, list[float]], path: Path, *
 # ---------------------------------------------------------------- markdown
 
 
-def cell(value) -> str:
-    """A value as one Markdown table cell: one line, pipes escaped."""
-    if isinstance(value, float):
-        value = f"{value:.3g}" if abs(value) < 1 else f"{value:,.1f}"
-    elif isinstance(value, int):
-        value = f"{value:,}"
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
-def table(columns: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def example(text: str) -> str:
-    text = " ".join(text.split())
+    """The start of a record as one cell of code: one line, at most EXAMPLE_CHARS characters."""
+    text = format_cell(text)
     return f"`{text[:EXAMPLE_CHARS].replace('`', chr(39))}`" + ("…" if len(text) > EXAMPLE_CHARS else "")
 
 
@@ -204,13 +181,13 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
     md = [f"# Data report\n\nPrepared in {manifest.get('seconds', 0):.1f} s from {len(sources)} sources: "
           f"{sum(c['read'] for c in sources.values()):,} records read, {kept_total:,} kept."]
 
-    md.append("## Records per source\n\n" + table(
+    md.append("## Records per source\n\n" + markdown_table(
         ["source", "read", "kept", "rejected", "kept %"],
         [[n, c["read"], c["kept"], c["rejected"], f"{100 * c['kept'] / c['read']:.1f}" if c["read"] else "-"]
          for n, c in sources.items()]))
     used = [st for st in STAGES if any(row["rejected"] for c in sources.values() for row in c["stages"]
                                        if row["stage"] == st)]
-    md.append("## Rejected at each stage\n\n" + table(
+    md.append("## Rejected at each stage\n\n" + markdown_table(
         ["stage"] + list(sources),
         [[st] + [next(r["rejected"] for r in c["stages"] if r["stage"] == st) for c in sources.values()]
          for st in used]) + f"\n\n![records through each stage]({stages_figure(sources, list(STAGES), out / 'stages.png')})")
@@ -220,12 +197,13 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
         rows = [[r["source"], r["stage"], r["reason"], r["count"], example(r.get("example") or r["example_reason"])]
                 for r in reject_rows]
         md.append("## Rejects by reason\n\nNumbers in reasons are shown as N; each row has one example "
-                  "(the start of the raw record).\n\n" + table(["source", "stage", "reason", "count", "example"], rows)
+                  "(the start of the raw record).\n\n"
+                  + markdown_table(["source", "stage", "reason", "count", "example"], rows)
                   + f"\n\n![rejects by reason]({rejects_figure(reject_rows, out / 'rejects.png')})")
 
     dedup = {n: {st: next(r["rejected"] for r in c["stages"] if r["stage"] == st)
                  for st in ("dedup:exact", "dedup:near")} for n, c in sources.items()}
-    md.append("## Duplicates found\n\n" + table(
+    md.append("## Duplicates found\n\n" + markdown_table(
         ["source", "exact duplicates", "near-duplicates"],
         [[n, d["dedup:exact"], d["dedup:near"]] for n, d in dedup.items()]))
 
@@ -233,7 +211,7 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
         values = np.concatenate([np.asarray(v, float) for v in scanned["scores"].values()])
         figure = histogram_figure(values[np.isfinite(values)], out / "scores.png",
                                   title=f"{score['metric']} of kept records", xlabel=score["metric"])
-        md.append(f"## Reference-model scores ({score['metric']})\n\n" + table(
+        md.append(f"## Reference-model scores ({score['metric']})\n\n" + markdown_table(
             ["source", "scored and kept", "median", "rejected at score"],
             [[n, len(v), float(np.median(v)), next(r["rejected"] for r in sources[n]["stages"] if r["stage"] == "score")]
              for n, v in scanned["scores"].items()]) + f"\n\n![scores]({figure})")
@@ -243,7 +221,7 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
         names = [lang for lang, _ in languages.most_common()]
         figure = bars_figure(names, {"records": [languages[lang] for lang in names]}, out / "languages.png",
                              title=f"languages of {len(scanned['sample'])} sampled kept records", ylabel="records")
-        md.append(f"## Language mix (sample of {len(scanned['sample'])} kept records)\n\n" + table(
+        md.append(f"## Language mix (sample of {len(scanned['sample'])} kept records)\n\n" + markdown_table(
             ["language", "records", "share"],
             [[lang, n, f"{100 * n / len(scanned['sample']):.1f}%"] for lang, n in languages.most_common()])
             + f"\n\n![languages]({figure})")
@@ -265,10 +243,11 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
 
     realised = mixture.get("realised", {})
     names = list(mixture["weights"])
-    rows = [[n, mixture["weights"][n], f"{100 * mixture['requested'].get(n, 0):.1f}%",
+    # The weight as configured (3.0, 0.25), not rounded to the table's significant digits.
+    rows = [[n, str(mixture["weights"][n]), f"{100 * mixture['requested'].get(n, 0):.1f}%",
              realised.get(n, {}).get("examples", 0), f"{100 * realised.get(n, {}).get('fraction', 0):.1f}%",
              round(mixture["copies_per_record"].get(n, 0), 3)] for n in names]
-    md.append("## Mixture (train split)\n\n" + table(
+    md.append("## Mixture (train split)\n\n" + markdown_table(
         ["source", "weight", "requested", "realised examples", "realised", "copies per record"], rows))
     if splits:
         md[-1] += "\n\n![mixture](" + bars_figure(
@@ -281,15 +260,16 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
     drops = [[split, source, k["reason"], k["count"], k["example_reason"]]
              for split, stats in splits.items() for source, kinds in stats["dropped"].items() for k in kinds]
     if drops:
-        md.append("## Dropped at tokenization\n\n" + table(["split", "source", "reason", "count", "example"], drops))
+        md.append("## Dropped at tokenization\n\n"
+                  + markdown_table(["split", "source", "reason", "count", "example"], drops))
     adjusted = [[split, source, k["adjustment"], k["records"], k["extra_examples"]]
                 for split, stats in splits.items() for source, kinds in stats.get("adjusted", {}).items()
                 for k in kinds]
     if adjusted:
-        md.append("## Adjusted for the chat template\n\n" + table(
+        md.append("## Adjusted for the chat template\n\n" + markdown_table(
             ["split", "source", "adjustment", "records", "extra examples"], adjusted))
     if manifest.get("outcomes"):
-        md.append("## Outcome labels (kept records)\n\n" + table(
+        md.append("## Outcome labels (kept records)\n\n" + markdown_table(
             ["source", "success", "failure", "unlabelled"],
             [[n, c["success"], c["failure"], c["unlabelled"]] for n, c in manifest["outcomes"].items()]))
 

@@ -19,6 +19,7 @@ from ray import tune
 
 from instune import storage
 from instune.atomic import atomic_dir, write_text
+from instune.report.format import format_cell, markdown_table
 from instune.tune.objective import KINDS, MEASURE_PREFIXES, mode_of, with_objective
 from instune.tune.trial import ERROR_FILE, FINAL_FILE, SAMPLED_FILE, TRIAL_FILE, trial_dir_of
 
@@ -43,16 +44,10 @@ class TrialLines(tune.Callback):
         result = trial.last_result or {}
         how = "finished" if result.get("finished") else "stopped early"
         print(f"[sweep] trial {trial.trial_id} {how} at step {result.get('step')}: "
-              f"objective {format_value(result.get('objective'))}", flush=True)
+              f"objective {format_cell(result.get('objective'))}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[sweep] trial {trial.trial_id} failed; the sweep goes on", flush=True)
-
-
-def format_value(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 def read_json(path: Path) -> dict:
@@ -124,12 +119,9 @@ def table_columns(rows: list[dict], param_paths: list[str], mix_names: list[str]
     return [c for c in columns if any(row.get(c) not in (None, "") for row in rows)]
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| rank | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for rank, row in enumerate(rows, 1):
-        cells = [format_value(row.get(c)).replace("|", "\\|").replace("\n", " ") for c in columns]
-        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def ranked_table(rows: list[dict], columns: list[str]) -> str:
+    """The trials as a Markdown table, ranked as `rows` are sorted."""
+    return markdown_table(["rank", *columns], [[rank, *(row.get(c) for c in columns)] for rank, row in enumerate(rows, 1)])
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
@@ -167,7 +159,7 @@ def write_best_config(tree: dict, rows: list[dict], plan, sweep_dir: Path) -> Pa
     config = validate_config(best_config_tree(tree, best, plan, sweep_dir), "best sweep trial")
     path = sweep_dir / "best_config.yaml"
     header = (f"# Best trial {best['trial']} ({best['status']}) of sweep {tree['name']}: "
-              f"{plan.objective} = {format_value(best['objective'])}.\n# Train it: instune run {path}\n")
+              f"{plan.objective} = {format_cell(best['objective'])}.\n# Train it: instune run {path}\n")
     write_text(path, header + config_to_yaml(config))
     return path
 
@@ -194,7 +186,7 @@ def write_results(results, plan, sweep, tree: dict, sweep_dir: Path, experiment_
     write_text(md, f"# Sweep {tree['name']}: {len(rows)} trials, objective {plan.objective} "
                    f"({mode_of(plan.objective)})\n\n"
                    + ", ".join(f"{n} {s}" for s, n in summary.items()) + "\n\n"
-                   + markdown_table(rows, table_columns(rows, param_paths, plan.mix_names, per_set=False)) + "\n")
+                   + ranked_table(rows, table_columns(rows, param_paths, plan.mix_names, per_set=False)) + "\n")
     csv_path = write_text(sweep_dir / "results.csv",
                           csv_text(rows, table_columns(rows, param_paths, plan.mix_names, per_set=True)))
     best = write_best_config(tree, rows, plan, sweep_dir)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from instune.data.accounting import stage_table
-from instune.data.report import conversation_chars, write_data_report
+from instune.data.data_report import conversation_chars, write_data_report
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 ENGLISH = ["The river runs past the old mill and into the quiet valley below.",

@@ -6,7 +6,8 @@ import yaml
 
 from instune.config import load_config, validate_config
 from instune.tune.plots import plot_learning_curves, plot_mix, plot_objective_vs_params
-from instune.tune.report import best_config_tree, csv_text, markdown_table, sort_rows, table_columns, write_best_config
+from instune.tune.results import (best_config_tree, csv_text, ranked_table, sort_rows, table_columns,
+                                   write_best_config)
 from instune.tune.trial import TrialPlan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,7 +53,7 @@ def test_tables_hold_every_trial_and_only_filled_columns():
     columns = table_columns(ordered, ["train.lr"], ["a"], per_set=False)
     assert columns == ["trial", "status", "objective", "steps", "train.lr", "mix/a", "in_domain_loss",
                        "out_of_domain_loss", "error"]
-    md = markdown_table(ordered, columns).splitlines()
+    md = ranked_table(ordered, columns).splitlines()
     assert len(md) == 2 + 4
     assert md[2].startswith("| 1 | t4 | finished | 1.5 | 20 | 0.003 | 1 |")
     assert "UserError: peft.dropout" in md[5]
@@ -125,7 +126,7 @@ def test_trial_id_is_read_past_the_suffix_tune_adds_to_an_existing_directory():
     still under trials/<id>, where the trial itself wrote them."""
     from ray.tune import Result
 
-    from instune.tune.report import trial_id_of
+    from instune.tune.results import trial_id_of
 
     def result(path, metrics=None):
         return Result(metrics=metrics, checkpoint=None, error=None, path=path)
