@@ -36,6 +36,7 @@ from instune.train.decoder_layers import checkpoint_layers, compile_layers
 from instune.train.kernels import apply_liger_blocks, choose_kernels, liger_installed, loss_sum_for
 from instune.train.methods import PEFT_METHODS, MethodSettings, add_head_dropout, apply_method, count_parameters
 from instune.train.metrics import flops_per_token, peak_flops, peak_memory_bytes
+from instune.train.preference_loss import PreferenceSettings
 from instune.train.sessions import CHECKPOINT_SCRATCH_PREFIX
 from instune.train.varlen_attention import VARLEN, packed_attention_inputs, register_varlen_attention
 
@@ -83,6 +84,9 @@ class LoopSettings:
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict = field(default_factory=dict)
+    # sft, or a preference loss on pairs (dpo, ipo, cdpo, simpo, orpo: preference_step.py) with its settings.
+    objective: str = "sft"
+    preference: PreferenceSettings = field(default_factory=PreferenceSettings)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +95,8 @@ class LoopSettings:
     def from_dict(cls, d: dict) -> "LoopSettings":
         d = dict(d)
         d["method"] = MethodSettings(**d["method"])
+        if isinstance(d.get("preference"), dict):
+            d["preference"] = PreferenceSettings(**d["preference"])
         return cls(**d)
 
 
@@ -170,9 +176,10 @@ def endless_batches(session, micro_batch_size: int, skip: int):
 
 
 def evaluate_loss(model, session, micro_batch_size: int, device, autocast,
-                  name: str = "validation", loss_of=token_loss_sum) -> float:
+                  name: str = "validation", loss_of=token_loss_sum, count_of=count_targets) -> float:
     """Token-weighted loss over the dataset `name` (this run's validation data), across all workers;
-    `loss_of(model, batch)` is token_loss_sum with the run's head and attention settings."""
+    `loss_of(model, batch)` is token_loss_sum with the run's head and attention settings (or a preference
+    run's pair loss, averaged over the pairs `count_of` counts)."""
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
@@ -180,10 +187,40 @@ def evaluate_loss(model, session, micro_batch_size: int, device, autocast,
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 loss_sum += float(loss_of(model, batch))
-            tokens += count_targets(batch)
+            tokens += count_of(batch)
     model.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
     return loss_sum / max(tokens, 1)
+
+
+def batch_tokens(batch: dict) -> int:
+    """Positions a batch computes: its packed rows, or both sides of its pairs."""
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return int(batch["chosen_input_ids"].numel() + batch["rejected_input_ids"].numel())
+
+
+def preference_loss_functions(settings: LoopSettings, engine, device, pair_sums: dict):
+    """(loss of a micro-batch, pair counter) for a preference objective; the loss adds its metric sums into
+    `pair_sums`."""
+    from instune.train.preference_loss import uses_reference
+    from instune.train.preference_step import count_pairs, load_reference_model, pair_loss_sum
+
+    reference_model = None
+    if uses_reference(settings.objective) and settings.preference.reference == "model":
+        reference_model = load_reference_model(settings.preference.reference_model_path or settings.model_path,
+                                               device, getattr(torch, settings.dtype))
+    common = dict(objective=settings.objective, settings=settings.preference, policy=engine.module,
+                  reference_model=reference_model, metrics=pair_sums)
+    return partial(pair_loss_sum, **common), count_pairs
+
+
+def reduced_pair_metrics(pair_sums: dict, device) -> dict:
+    """Per-pair means over every worker of the metric sums of preference_step.pair_loss_sum."""
+    from instune.train.preference_step import METRIC_NAMES
+
+    totals = all_reduce_sum([pair_sums.get(k, 0.0) for k in METRIC_NAMES] + [pair_sums.get("pairs", 0)], device)
+    return {k: v / max(totals[-1], 1) for k, v in zip(METRIC_NAMES, totals[:-1])}
 
 
 def build_model(settings: LoopSettings, device, use_liger: bool = False):
@@ -306,8 +343,12 @@ def run_training(settings: LoopSettings, session) -> None:
     if settings.method.method == "lisa":
         trainable, _ = count_parameters(model)  # the layers of one period
     # The loss without the logits tensor wherever the head is a plain linear layer (chunked_loss.py).
-    loss_sum_of = partial(token_loss_sum, head=fused_head(engine.module, loss_sum_for(kernels)),
-                          varlen=settings.attn_implementation == VARLEN)
+    token_loss_of = partial(token_loss_sum, head=fused_head(engine.module, loss_sum_for(kernels)),
+                            varlen=settings.attn_implementation == VARLEN)
+    loss_sum_of, count_of, pair_sums = token_loss_of, count_targets, {}
+    if settings.objective != "sft":
+        # Each step's loss is averaged over pairs instead of target tokens; pair_sums gathers its metrics.
+        loss_sum_of, count_of = preference_loss_functions(settings, engine, device, pair_sums)
     # Same weights everywhere, different dropout masks per worker.
     torch.manual_seed(settings.seed + 1000 * rank)
 
@@ -334,8 +375,8 @@ def run_training(settings: LoopSettings, session) -> None:
             engine.trainable_changed()
         micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(settings.grad_accum)]
         micro_done += settings.grad_accum
-        local_targets = sum(count_targets(b) for b in micro)
-        local_real = sum(int(b["input_ids"].numel()) for b in micro)
+        local_targets = sum(count_of(b) for b in micro)
+        local_real = sum(batch_tokens(b) for b in micro)
         global_targets, = all_reduce_sum([local_targets], device)
         loss_sum_local = 0.0
         for i, batch in enumerate(micro):
@@ -346,6 +387,8 @@ def run_training(settings: LoopSettings, session) -> None:
             loss_sum_local += float(loss_sum.detach())
         lr = engine.scheduler.optimizer.param_groups[0]["lr"]
         grad_norm = engine.step()
+        step_pair_sums = dict(pair_sums)
+        pair_sums.clear()
         step += 1
         loss_sum_all, tokens_all = all_reduce_sum([loss_sum_local, local_real], device)
         window_tokens += tokens_all
@@ -373,14 +416,19 @@ def run_training(settings: LoopSettings, session) -> None:
         }
         if device_peak:
             metrics["mfu"] = tokens_per_second * per_token_flops / (device_peak * world)
+        if settings.objective != "sft":
+            metrics.update(reduced_pair_metrics(step_pair_sums, device))
         # Checkpoints are scored by eval_loss, so every checkpoint step evaluates too.
         if settings.eval_every and (step % settings.eval_every == 0 or save):
             if session.has("validation"):
                 metrics["eval_loss"] = evaluate_loss(engine.module, session, settings.micro_batch_size, device,
-                                                     autocast, loss_of=loss_sum_of)
+                                                     autocast, loss_of=loss_sum_of, count_of=count_of)
+                if settings.objective != "sft":  # held-out reward accuracy and margin, from the eval's pairs
+                    metrics.update({f"eval_{k}": v for k, v in reduced_pair_metrics(pair_sums, device).items()})
+                    pair_sums.clear()
             for name in settings.eval_datasets:
                 metrics[f"eval_loss/{name}"] = evaluate_loss(engine.module, session, settings.micro_batch_size,
-                                                             device, autocast, name, loss_sum_of)
+                                                             device, autocast, name, token_loss_of)
         if save:
             with tempfile.TemporaryDirectory(prefix=CHECKPOINT_SCRATCH_PREFIX, dir=session.scratch_dir) as tmp:
                 save_checkpoint(Path(tmp), engine, settings.method, step=step, micro_batches_done=micro_done,

@@ -44,8 +44,10 @@ class PreferenceSettings:
     label_smoothing: float = 0.1
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
-    # precompute | adapter_disabled | model (reference_logprobs.py).
+    # precompute | adapter_disabled | model (reference_logprobs.py, preference_step.py).
     reference: str = "precompute"
+    # dpo.reference: model loads this (unset: the run's base model).
+    reference_model_path: str | None = None
 
 
 @dataclass

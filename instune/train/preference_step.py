@@ -14,9 +14,11 @@ import torch
 
 from instune.data.tokenize import IGNORE_INDEX
 from instune.train.preference_loss import PreferenceSettings, pair_losses, response_logps, step_metrics, uses_reference
+from instune.train.sessions import PAIR_COLUMNS, REFERENCE_COLUMNS  # noqa: F401  (the pair rows' columns)
 
-PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# The metric sums pair_loss_sum adds up (preference_loss.step_metrics), in a fixed order for all-reduce.
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+                "logps/rejected")
 
 
 def stacked(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

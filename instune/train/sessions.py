@@ -13,13 +13,26 @@ import pyarrow.compute as pc
 import torch
 
 COLUMNS = ("input_ids", "labels", "position_ids")
+# A preference pair's row: both sides' ids and labels, and the reference's log-probs when prepare computed them.
+PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def columns_of(names) -> tuple[str, ...]:
+    """The columns a batch of rows with these column names trains from: packed SFT rows or preference pairs."""
+    names = set(names)
+    if not set(PAIR_COLUMNS) <= names:
+        return COLUMNS
+    return PAIR_COLUMNS + tuple(c for c in REFERENCE_COLUMNS if c in names)
 # A worker writes its part of a checkpoint into a temporary directory named so, in its session's scratch_dir.
 CHECKPOINT_SCRATCH_PREFIX = "instune-ckpt-"
 
 
 def to_tensors(batch: dict) -> dict:
-    return {k: torch.as_tensor(np.stack(batch[k]) if batch[k].dtype == object else batch[k], dtype=torch.long)
-            for k in COLUMNS}
+    # Token columns are integers; the reference log-probs stay floating point.
+    return {k: torch.as_tensor(np.stack(batch[k]) if batch[k].dtype == object else batch[k],
+                               dtype=torch.float32 if k in REFERENCE_COLUMNS else torch.long)
+            for k in columns_of(batch)}
 
 
 def common_length(lists) -> int | None:
@@ -117,7 +130,8 @@ class FileSession:
     def batches(self, name: str, batch_size: int, epoch: int):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(self.datasets[name], columns=list(COLUMNS))
+        columns = columns_of(pq.read_schema(self.datasets[name][0]).names)
+        table = pq.read_table(self.datasets[name], columns=list(columns))
         rows = np.arange(table.num_rows)
         if name == "train":
             np.random.default_rng(self.seed + epoch).shuffle(rows)
@@ -127,7 +141,8 @@ class FileSession:
         full = len(mine) // batch_size * batch_size if name == "train" else len(mine)
         for start in range(0, full, batch_size):
             chunk = table.take(mine[start:start + batch_size])
-            yield {k: rows_tensor(chunk[k]) for k in COLUMNS}
+            yield {k: torch.tensor(chunk[k].to_numpy(), dtype=torch.float32) if k in REFERENCE_COLUMNS
+                   else rows_tensor(chunk[k]) for k in columns}
 
     def _barrier(self) -> None:
         import torch.distributed as dist

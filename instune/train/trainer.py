@@ -23,6 +23,7 @@ from instune.errors import UserError
 from instune.train.export import export_model
 from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
+from instune.train.preference_loss import PreferenceSettings
 from instune.train.trackers import TENSORBOARD_DIR, Tracking  # noqa: F401  (TENSORBOARD_DIR: where runs write it)
 
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -77,7 +78,6 @@ NOT_IN_RUN_SETTINGS = {
     "train.max_steps": "steps_for turns it into the loop's total_steps",
     "train.report_to": "training_run puts it in the run's Tracking, which the metrics callback reports to",
     "scaling.resource_wait_s": "start_ray watches the placement groups' wait with it (instune/ray_runtime.py)",
-    "train.objective": "not read yet: the loop trains sft only until the preference losses are wired in",
 }
 
 
@@ -90,8 +90,10 @@ def training_run(config: ExperimentConfig, model_path: str, rows: int,
     total_steps = steps_for(rows, s.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     sections = {name: getattr(config, name) for name in RUN_SECTIONS}
     method = settings_from(MethodSettings, {"peft": config.peft})
+    preference = settings_from(PreferenceSettings, {"dpo": config.dpo})
     loop = settings_from(LoopSettings, sections, RENAMED, model_path=model_path, total_steps=total_steps,
-                         method=method, eval_every=t.eval_every or t.log_every, eval_datasets=list(eval_datasets))
+                         method=method, eval_every=t.eval_every or t.log_every, eval_datasets=list(eval_datasets),
+                         preference=preference)
     tracking = Tracking(report_to=list(t.report_to), name=config.name, config=config.model_dump(mode="json"),
                         attachments={"resolved_config.yaml": config_to_yaml(config)})
     return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED), tracking)

@@ -1,0 +1,150 @@
+"""The training loop on preference pairs: DPO starts at log 2 from a fresh LoRA adapter, the adapter-less and
+the second-model references train exactly as the precomputed one, metrics per step, held-out reward accuracy;
+and, under torchrun, the same update on 1 and 2 workers, DDP and ZeRO, and a resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from .train_helpers import read_metrics, run_many, run_torchrun, write_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from instune.data.prepare_pairs import pad_rows
+from instune.data.preference_tokenize import tokenize_pairs
+from instune.data.reference_logprobs import sequence_logps
+from instune.train.loop import CRASH_MARKER_ENV, LoopSettings, run_training
+from instune.train.methods import MethodSettings
+from instune.train.preference_loss import PreferenceSettings
+from instune.train.preference_step import PAIR_COLUMNS
+from instune.train.sessions import FileSession
+
+WIDTH = 40
+STEP_1 = "checkpoints/step-00000001/trainable.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def write_pairs(model_dir, directory, pairs) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenized = tokenize_pairs(pairs, tokenizer, WIDTH, "drop")
+    assert not any(isinstance(t, Exception) for t in tokenized)
+    table = pa.table({name: [getattr(t, name).tolist() for t in tokenized] for name in PAIR_COLUMNS})
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    for side in ("chosen", "rejected"):
+        sequences = [(getattr(t, f"{side}_input_ids"), getattr(t, f"{side}_labels")) for t in tokenized]
+        table = table.append_column(f"ref_{side}_logps", pa.array(sequence_logps(base, sequences, 0, "cpu")))
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pad_rows(table, width=WIDTH, pad_id=tokenizer.pad_token_id), directory / "part-0.parquet")
+    return str(directory / "part-0.parquet")
+
+
+def arithmetic_pairs(numbers) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"add {a} and {b}:"}], "chosen": str(a + b),
+             "rejected": str(a + b + 1)} for a, b in numbers]
+
+
+@pytest.fixture(scope="module")
+def pair_files(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pairs")
+    train = write_pairs(model_dir, tmp / "train", arithmetic_pairs([(a, b) for a in range(1, 5) for b in range(1, 5)]))
+    validation = write_pairs(model_dir, tmp / "validation", arithmetic_pairs([(5, 2), (6, 1), (7, 3), (2, 8)]))
+    return {"train": [train], "validation": [validation]}
+
+
+def settings(model_dir, **changes) -> LoopSettings:
+    base = dict(model_path=str(model_dir), total_steps=6, lr=2e-2, micro_batch_size=4, log_every=1, eval_every=3,
+                warmup_ratio=0.0, objective="dpo", preference=PreferenceSettings(beta=0.5),
+                method=MethodSettings(method="lora", r=4, alpha=8, dropout=0.0))
+    return LoopSettings(**{**base, **changes})
+
+
+def test_dpo_trains_from_log_2_and_reports_its_metrics(model_dir, pair_files, tmp_path):
+    run_training(settings(model_dir), FileSession(pair_files, str(tmp_path / "run")))
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    # A fresh LoRA adapter adds nothing: the policy is its reference, every reward 0 and the loss log 2.
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5) == metrics[0]["rewards/margin"]
+    for key in ("rewards/rejected", "rewards/accuracy", "logps/chosen", "logps/rejected"):
+        assert all(key in m for m in metrics), key
+    assert metrics[-1]["loss"] < math.log(2) and metrics[-1]["rewards/margin"] > 0
+    assert 0 <= metrics[-1]["rewards/accuracy"] <= 1
+    # Held-out pairs, scored at steps 3 and 6.
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    assert {"eval_rewards/accuracy", "eval_rewards/margin"} <= set(evals[0])
+
+
+@pytest.mark.parametrize("reference", ["adapter_disabled", "model"])
+def test_references_computed_in_training_train_as_the_precomputed_one(model_dir, pair_files, tmp_path, reference):
+    precomputed = tmp_path / "precomputed"
+    # All 16 pairs in every step, so the losses of successive steps compare.
+    run_training(settings(model_dir, total_steps=3, micro_batch_size=16), FileSession(pair_files, str(precomputed)))
+    other = tmp_path / reference
+    run_training(settings(model_dir, total_steps=3, micro_batch_size=16,
+                          preference=PreferenceSettings(beta=0.5, reference=reference)),
+                 FileSession({"train": pair_files["train"]}, str(other)))
+    losses = [m["loss"] for m in read_metrics(precomputed)]
+    assert [m["loss"] for m in read_metrics(other)] == pytest.approx(losses, abs=1e-5)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("objective", ["ipo", "cdpo", "simpo", "orpo"])
+def test_every_objective_trains_through_the_loop(model_dir, pair_files, tmp_path, objective):
+    run_training(settings(model_dir, total_steps=3, micro_batch_size=16, objective=objective, eval_every=None),
+                 FileSession({"train": pair_files["train"]}, str(tmp_path / objective)))
+    losses = [m["loss"] for m in read_metrics(tmp_path / objective)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_ddp_and_zero_take_the_same_steps_and_a_killed_run_resumes(model_dir, pair_files,
+                                                                                          tmp_path):
+    """All 16 pairs in one optimizer step: 1 worker x 16, 2 workers x 8 (DDP, and ZeRO-2), full fine-tuning;
+    then a 2-worker run killed at step 3 and run again reaches the uninterrupted run's weights. ~90 s: two
+    torchrun launches of two workers each."""
+    # One SGD step at lr 1 without clipping: the weights move by exactly the gradient, which must not depend
+    # on how the pairs are spread over workers.
+    sgd = dict(total_steps=1, eval_every=None, method=MethodSettings(method="full"), optimizer="sgd", lr=1.0,
+               max_grad_norm=1e9)
+    one = tmp_path / "one"
+    run_training(settings(model_dir, micro_batch_size=16, **sgd), FileSession({"train": pair_files["train"]}, str(one)))
+    common = dict(micro_batch_size=8, **sgd)
+    runs = [{"settings": settings(model_dir, **common), "train": pair_files["train"], "output": tmp_path / "ddp"},
+            {"settings": settings(model_dir, **common, strategy="deepspeed", zero_stage=2),
+             "train": pair_files["train"], "output": tmp_path / "zero"}]
+    run_many(runs, tmp_path, nproc=2)
+    expected = load_file(one / STEP_1)
+    assert read_metrics(one)[0]["grad_norm"] > 1e-2  # a step that moves the weights
+    for name in ("ddp", "zero"):
+        got = load_file(tmp_path / name / STEP_1)
+        for key, value in expected.items():
+            assert torch.allclose(got[key].float(), value.float(), atol=1e-5), (name, key)
+        assert [m["loss"] for m in read_metrics(tmp_path / name)] == \
+            pytest.approx([m["loss"] for m in read_metrics(one)], abs=1e-5)
+
+    # Killed as step 3 starts (step 2 has a checkpoint), then run again on the same output.
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    (train_dir / "part-0.parquet").write_bytes(open(pair_files["train"][0], "rb").read())
+    killed = settings(model_dir, total_steps=4, micro_batch_size=4, eval_every=None, checkpoint_every=2)
+    marker = tmp_path / "crash_at_step"
+    marker.write_text("3")
+    output = tmp_path / "killed"
+    run_torchrun(killed, train_dir, output, 2, env={CRASH_MARKER_ENV: str(marker)}, expect_failure=True)
+    assert [m["step"] for m in read_metrics(output)] == [1, 2]
+    run_torchrun(killed, train_dir, output, 2)
+    metrics = read_metrics(output)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    state = json.loads((output / "checkpoints/step-00000004/trainer_state.json").read_text())
+    assert state == {"step": 4, "micro_batches_done": 4, "world_size": 2}
