@@ -20,6 +20,8 @@ instruction corpus), `--steps` optimizer steps of `--micro-batch` packed rows of
   torchrun   instune's per-worker loop without Ray (python -m instune.train.torchrun_main), the fast path:
              model.kernels (auto: Liger on CUDA when installed), the loss without logits, `--attn`, and
              train.compile unless --no-compile
+  torchrun-unfused   the same loop with model.kernels none, sdpa and no compilation: the unfused path
+             whose loss after the same steps (same rows, same order) the fast path must match (1e-2 relative)
   ray        the same loop through Ray Train (run_ray_training, one GPU worker, the rows as a Ray Dataset);
              needs Ray (bench/gpu_bundle.py carries it to a machine without)
   ray-zero2, ray-zero3   the ray runner with DeepSpeed ZeRO-2 / ZeRO-3 (full fine-tuning cases)
@@ -69,7 +71,7 @@ SHAPES = {
                tie_word_embeddings=False),
 }
 CASES = {"1b-full": ("1b", "full"), "1b-lora": ("1b", "lora"), "8b-lora": ("8b", "lora")}
-RUNNERS = ("baseline", "torchrun", "ray", "ray-zero2", "ray-zero3")
+RUNNERS = ("baseline", "torchrun", "torchrun-unfused", "ray", "ray-zero2", "ray-zero3")
 WINDOW = 5  # steps per metrics window; the first window holds warm-up (and compilation)
 PAD_ID = 0
 
@@ -334,7 +336,8 @@ def resume_check(spec: dict, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="*", choices=list(CASES), help="default: all (--smoke: 1b-lora)")
-    parser.add_argument("--runners", nargs="*", default=["baseline", "torchrun", "ray"], choices=RUNNERS)
+    parser.add_argument("--runners", nargs="*", default=["baseline", "torchrun", "torchrun-unfused", "ray"],
+                        choices=RUNNERS)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8, help="packed rows per step")
@@ -396,7 +399,9 @@ def main() -> None:
                 continue
             run_spec = dict(spec, output=str(work / "runs" / case / runner),
                             zero_stage=int(runner[-1]) if runner.startswith("ray-zero") else None)
-            run = run_in_process("ray" if runner.startswith("ray") else runner, run_spec, work)
+            if runner == "torchrun-unfused":
+                run_spec.update(kernels="none", attn="sdpa", compile=False)
+            run = run_in_process("ray" if runner.startswith("ray") else runner.split("-")[0], run_spec, work)
             shutil.rmtree(work / "runs" / case / runner, ignore_errors=True)  # full checkpoints are large
             if "failed" not in run and peak:
                 per_token = flops_per_real_token(shape, run["total_params"], run["trainable_params"],
@@ -438,6 +443,10 @@ def print_table(results: dict) -> None:
         if "torchrun" in runs and "ray" in runs and "failed" not in runs["torchrun"] and "failed" not in runs["ray"]:
             ray_ratio = runs["ray"]["real_tokens_per_s"] / runs["torchrun"]["real_tokens_per_s"]
             lines.append((case, "ray/torchrun", f"{ray_ratio:.3f}x tok/s", "", "", "", "", ""))
+        fast, unfused = runs.get("torchrun", {}), runs.get("torchrun-unfused", {})
+        if "last_loss" in fast and "last_loss" in unfused:
+            gap = abs(fast["last_loss"] - unfused["last_loss"]) / abs(unfused["last_loss"])
+            lines.append((case, "fast/unfused", f"loss {gap:.1e} rel", "", "", "", "", ""))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")

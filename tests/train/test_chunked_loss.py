@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from train_helpers import logits_sgd_step, write_packed_rows
+from .train_helpers import logits_sgd_step, write_packed_rows
 from transformers import AutoModelForCausalLM
 
 from instune.data.tokenize import IGNORE_INDEX
@@ -108,15 +108,19 @@ def test_the_head_is_restored_and_a_wrapped_head_keeps_the_logits_path(tiny_mode
     assert fused_head(wrapped, chunked_linear_cross_entropy_sum) is None
 
 
-def test_one_training_step_with_accumulation_equals_the_logits_step(tiny_model, tmp_path):
+def test_one_training_step_with_accumulation_equals_the_logits_step(tiny_model, tmp_path, capfd):
     # Plain SGD with lr 1 and no clipping: the weights after one step are the initial weights minus the
     # gradient of the logits path's loss, summed over all rows and divided by their target tokens. Two
     # workers: tests/train/test_loop.py's one-step test, against the same reference.
     rows = write_packed_rows(tmp_path / "rows", 8, seed=3)
     settings = LoopSettings(model_path=str(tiny_model), total_steps=1, optimizer="sgd", lr=1.0, warmup_ratio=0.0,
                             max_grad_norm=1e9, log_every=1, micro_batch_size=2, grad_accum=4,
-                            method=MethodSettings(method="full"), kernels="none")
+                            method=MethodSettings(method="full"), kernels="auto")
     run_training(settings, FileSession({"train": [str(rows / "part-0.parquet")]}, str(tmp_path / "run")))
+    # On the CPU, auto falls back to the chunked loss and says so in one line.
+    said = [line for line in capfd.readouterr().err.splitlines() if "model.kernels" in line]
+    assert said == ["instune: model.kernels: auto uses PyTorch's kernels and the chunked loss on cpu "
+                    "(Liger's kernels are Triton, CUDA only)"]
     stepped = load_file(str(tmp_path / "run" / "checkpoints/step-00000001/trainable.safetensors"))
     expected = logits_sgd_step(tiny_model, rows)
     assert stepped.keys() == expected.keys()
