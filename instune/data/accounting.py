@@ -17,6 +17,8 @@ from instune.data.raydata import read_parquet
 # Order in which records can be rejected; the report lists stages in this order.
 STAGES = ("read", "normalise", "filter:length", "filter:quality", "filter:language", "filter:decontaminate",
           "dedup:exact", "dedup:near", "score")
+# Image-text records (prepare_multimodal.py): "image" rejects a record whose image is missing or unusable.
+MULTIMODAL_STAGES = ("read", "normalise", "image", "dedup:exact")
 
 
 def _group_counts(batch: pa.Table, columns: list[str]) -> pa.Table:
@@ -110,15 +112,16 @@ def check_accounting(read_counts: dict, kept: dict, rejected: dict) -> None:
         assert read == k + r, f"source {source}: read {read} != kept {k} + rejected {r}"
 
 
-def stage_table(read_counts: dict, reject_counts: dict) -> dict:
+def stage_table(read_counts: dict, reject_counts: dict, stages: tuple[str, ...] = STAGES) -> dict:
     """Per source, per stage: records in, rejected, out (each stage's out is the next one's in).
 
-    `reject_counts` maps (source, stage, reason) to a count.
+    `reject_counts` maps (source, stage, reason) to a count; `stages` are the stages in order (multimodal
+    prepare has its own: MULTIMODAL_STAGES).
     """
     table = {}
     for source, read in read_counts.items():
         remaining, rows = read, []
-        for stage in STAGES:
+        for stage in stages:
             rejected = sum(n for (s, st, _), n in reject_counts.items() if s == source and st == stage)
             rows.append({"stage": stage, "in": remaining, "rejected": rejected, "out": remaining - rejected})
             remaining -= rejected
@@ -126,7 +129,8 @@ def stage_table(read_counts: dict, reject_counts: dict) -> dict:
     return table
 
 
-def phase1_counts(read_by_source: dict[str, int], filtered_dir: Path, quarantine: Path) -> dict:
+def phase1_counts(read_by_source: dict[str, int], filtered_dir: Path, quarantine: Path,
+                  stages: tuple[str, ...] = STAGES) -> dict:
     """{source: {read, kept, rejected, stages (stage_table), rejects (by kind of reason)}} of phase 1, from the
     read tasks' counts and the written `filtered_dir` and `quarantine`; asserts that they add up."""
     names = list(read_by_source)
@@ -139,12 +143,12 @@ def phase1_counts(read_by_source: dict[str, int], filtered_dir: Path, quarantine
         reject_counts[(k["source"], k["stage"], k["reason"])] += k["count"]
     rejected_counts = {n: sum(v for (s, _, _), v in reject_counts.items() if s == n) for n in names}
     check_accounting(read_by_source, kept_counts, rejected_counts)
-    stages = stage_table(read_by_source, reject_counts)
+    table = stage_table(read_by_source, reject_counts, stages)
     by_reason: dict = {}
-    for k in sorted(kinds, key=lambda k: (STAGES.index(k["stage"]), -k["count"], k["reason"])):
+    for k in sorted(kinds, key=lambda k: (stages.index(k["stage"]), -k["count"], k["reason"])):
         by_reason.setdefault(k["source"], []).append({key: k[key] for key in k if key != "source"})
     return {n: {"read": read_by_source[n], "kept": kept_counts[n], "rejected": rejected_counts[n],
-                "stages": stages[n], "rejects": by_reason.get(n, [])} for n in names}
+                "stages": table[n], "rejects": by_reason.get(n, [])} for n in names}
 
 
 def phase1_line(counts: dict, files: int, seconds: float) -> str:
@@ -263,3 +267,26 @@ def outcome_counts(filtered_dir: Path, field: str) -> dict[str, dict[str, int]]:
             counts = out.setdefault(source, {"success": 0, "failure": 0, "unlabelled": 0})
             counts[outcome] += n
     return out
+
+
+def tokenization_drops_by_source(drops_dir: Path, split_names) -> dict[str, int]:
+    """{source: distinct records dropped at tokenization in any split}: a record drawn twice counts once."""
+    dropped: set[tuple[str, str]] = set()
+    for name in split_names:
+        table = read_columns(Path(drops_dir) / name, ["source", "id"])
+        if table is not None:
+            dropped.update(zip(table["source"].to_pylist(), table["id"].to_pylist()))
+    return dict(Counter(source for source, _ in dropped))
+
+
+def source_table(sources: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the per-source table: a record dropped at tokenization (it cannot be trained on, e.g.
+    no answer fits max_length) counts as rejected, not kept. The manifest keeps phase 1's `kept` (the rows of
+    filtered/, which phase 2 draws from) and the drops beside it as `dropped_at_tokenization`."""
+    rows = []
+    for name, c in sources.items():
+        dropped = c.get("dropped_at_tokenization", 0)
+        kept, rejected = c["kept"] - dropped, c["rejected"] + dropped
+        rows.append([name, c["read"], kept, rejected, dropped,
+                     round(100 * kept / c["read"], 1) if c["read"] else None])
+    return ["source", "read", "kept", "rejected", "of which at tokenization", "kept %"], rows

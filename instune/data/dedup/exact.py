@@ -31,8 +31,12 @@ def normalise_text(text: str) -> str:
 
 
 def text_hash(record: dict) -> int:
-    """A signed 64-bit hash of the record's normalised text (stable across processes)."""
-    digest = hashlib.blake2b(normalise_text(record_text(record)).encode("utf-8"), digest_size=8).digest()
+    """A signed 64-bit hash of the record's normalised text (stable across processes), and of its images'
+    bytes for an image-text record: the same question about two different images is not a duplicate."""
+    key = normalise_text(record_text(record))
+    if record.get("images_digest"):  # multimodal_formats.to_multimodal; text records have none
+        key += "\0" + record["images_digest"]
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 

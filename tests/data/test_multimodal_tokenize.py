@@ -1,0 +1,43 @@
+import io
+
+import numpy as np
+from PIL import Image
+from transformers import AutoProcessor
+
+from instune.data.multimodal_tokenize import image_tokens, tokenize_multimodal
+from instune.data.tokenize import TokenizeError
+from instune.data.truncate import IGNORE_INDEX
+
+
+def png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_tokens_in_place_and_labels_on_assistant_text_only(tiny_vlm):
+    processor = AutoProcessor.from_pretrained(tiny_vlm)
+    image = image_tokens(processor)
+    assert image.count == 16  # 32x32 image, 8x8 patches, class token dropped
+    records = [
+        {"messages": [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}],
+         "images": [png((255, 0, 0))]},
+        {"messages": [{"role": "user", "content": "<image> then <image>"}, {"role": "assistant", "content": "two"}],
+         "images": [png((255, 0, 0)), png((0, 0, 255))]},
+        {"messages": [{"role": "user", "content": "<image>" * 9}, {"role": "assistant", "content": "long"}],
+         "images": [png((0, 0, 0))] * 9},
+    ]
+    first, second, too_long = tokenize_multimodal(records, processor, image, max_length=100)
+    ids, labels = first["input_ids"], first["labels"]
+    positions = np.flatnonzero(ids == image.token_id)
+    assert len(positions) == 16 and np.all(np.diff(positions) == 1)  # one contiguous block, where <image> was
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(ids[:positions[0]]) == "<|im_start|>user\n"
+    assert tokenizer.decode(ids[positions[-1] + 1:]).startswith("\nWhat colour?<|im_end|>")
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == "red<|im_end|>"
+    assert first["image_shape"] == [1, 3, 32, 32] and len(first["pixel_values"]) == 3 * 32 * 32
+    assert (second["input_ids"] == image.token_id).sum() == 32 and second["image_shape"][0] == 2
+    # Two different images, two different pixel blocks, in order.
+    pixels = second["pixel_values"].reshape(second["image_shape"])
+    assert pixels[0, 0].mean() > pixels[1, 0].mean() and pixels[1, 2].mean() > pixels[0, 2].mean()
+    assert isinstance(too_long, TokenizeError) and "over model.max_length 100" in str(too_long)
