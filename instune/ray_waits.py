@@ -97,8 +97,11 @@ def _loop(wait_s: float, end_run: bool, stop: threading.Event) -> None:
     while not stop.wait(CHECK_EVERY_S):
         try:
             groups = placement_groups()
-        except Exception as e:  # the cluster is going away (shutdown): nothing left to watch
-            print(f"[ray] stopped watching resource waits: {type(e).__name__}: {e}", file=sys.stderr)
+        except Exception as e:
+            import ray
+
+            if ray.is_initialized():  # else the run is over and Ray shut down: nothing left to watch
+                print(f"[ray] stopped watching resource waits: {type(e).__name__}: {e}", file=sys.stderr)
             return
         now = time.monotonic()
         now_created = frozenset(g.id for g in groups if g.state == "CREATED")

@@ -4,6 +4,7 @@ head. Real Ray clusters, each under its own RAY_TMPDIR, so Ray's current-cluster
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -92,7 +93,10 @@ def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path,
     dead = f"127.0.0.1:{unused_port()}"
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
     start_ray(ONE_WORKER, tmp_path / "out", dashboard=True)
-    lines = capsys.readouterr().out.splitlines()
+    console = capsys.readouterr()
+    assert "Started a local Ray instance" not in console.err
+    assert not any(type(h).__name__ == "PlainRayHandler" for h in logging.getLogger("ray").handlers)
+    lines = console.out.splitlines()
     address = ray.get_runtime_context().gcs_address
     assert lines == [
         f"[ray] ignoring {ray_tmpdir}/ray/ray_current_cluster: it names {dead}, where no Ray cluster answers "
@@ -103,10 +107,26 @@ def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path,
     # address, and fail, as Ray Train's placement-group cleaner did).
     assert what_a_worker_sees() == (address, "ALIVE")
     assert os.environ["RAY_ADDRESS"] == address
+
+    # What workers print: instune's "[stage] " lines on the console, everything in the log file.
+    @ray.remote(num_cpus=0)
+    def chatty():
+        print("[probe] 1/2 steps")
+        print("Reporting training result 1")
+
+    ray.get(chatty.remote())
+    log = tmp_path / "out" / "logs" / "ray.log"
+    deadline = time.monotonic() + 30
+    while "Reporting training result 1" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    console = capsys.readouterr()
+    assert console.out == "[probe] 1/2 steps\n"
     stop_ray()
     assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
     # Ray's own start-up lines went to the log file, not the console.
-    assert "Started a local Ray instance" in (tmp_path / "out" / "logs" / "ray.log").read_text()
+    text = log.read_text()
+    assert "Started a local Ray instance" in text and "chatty pid=" in text and "[probe] 1/2 steps" in text
 
 
 @pytest.mark.slow
@@ -125,13 +145,20 @@ def test_beside_a_live_head_a_private_cluster_by_default_and_the_head_with_join(
         assert what_a_worker_sees() == (private, "ALIVE")
         stop_ray()
 
-        ray_runtime.options = ray_runtime.RayOptions(join=True)
+        # --join, and -v: Ray's own lines come back on the console.
+        ray_runtime.options = ray_runtime.RayOptions(join=True, verbose=True)
         start_ray(ONE_WORKER, tmp_path / "joined")
         assert ray.get_runtime_context().gcs_address == head
         assert ray.cluster_resources()["CPU"] == 1
-        assert capsys.readouterr().out.splitlines() == [
+        console = capsys.readouterr()
+        assert console.out.splitlines() == [
             f"[ray] joined the Ray cluster at {head} (--join; without it a command starts a private one); "
             f"Ray's logs: {tmp_path / 'joined' / 'logs' / 'ray.log'}"]
+        # Ray's console handler stays beside the file (pytest's capture closed the stream Ray's handler took
+        # when a test before created it, so the handler is checked rather than what it printed).
+        assert any(type(h).__name__ == "PlainRayHandler" for h in logging.getLogger("ray").handlers)
+        assert f"Connecting to existing Ray cluster at address: {head}" in \
+            (tmp_path / "joined" / "logs" / "ray.log").read_text()
         stop_ray()
 
 
