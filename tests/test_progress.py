@@ -27,3 +27,16 @@ def test_lines_come_at_most_once_per_interval_with_rate_and_eta(monkeypatch, cap
     p.update(100)  # t=40: done; the final line says so
     assert capsys.readouterr().out == "[eval] 40/100 examples, 2.0 examples/s, eta 30s\n"
     assert p.finished("base: 100 examples") == "[eval] base: 100 examples in 41s (2.4 examples/s)"
+
+
+def test_the_train_line_gives_the_eta_from_the_steps_since_the_first_report(tmp_path, capsys):
+    import re
+
+    from instune.train import trainer
+
+    callback = trainer.make_metrics_callback(tmp_path / "metrics.jsonl", total_steps=30)
+    for step in (5, 10):
+        callback.after_report(None, [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_second": 500.0}], None)
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "[train] step 5/30 loss 2.0000 lr 1.00e-03 tok/s 500 eta ?"
+    assert re.fullmatch(r"\[train\] step 10/30 loss 2\.0000 lr 1\.00e-03 tok/s 500 eta \d+s", second), second

@@ -124,6 +124,7 @@ def make_metrics_callback(metrics_file: Path, total_steps: int, tracking: Tracki
     and closed at the last step or at a failure."""
     import ray.train
 
+    from instune.progress import rate_and_eta
     from instune.train.trackers import open_trackers
 
     tracking = tracking or Tracking()
@@ -131,6 +132,7 @@ def make_metrics_callback(metrics_file: Path, total_steps: int, tracking: Tracki
     class MetricsToFile(ray.train.UserCallback):
         def __init__(self):
             self.start = time.time()
+            self.first_report: tuple[float, int] | None = None  # the ETA's rate is over steps since then
             self.trackers = None
 
         def after_report(self, run_context, metrics, checkpoint):
@@ -145,8 +147,10 @@ def make_metrics_callback(metrics_file: Path, total_steps: int, tracking: Tracki
             if m["step"] >= total_steps:
                 self.close(failed=False)
             extra = f" eval_loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+            self.first_report = self.first_report or (time.monotonic(), m["step"])
+            _, eta = rate_and_eta(m["step"], total_steps, self.first_report, time.monotonic())
             print(f"[train] step {m['step']}/{total_steps} loss {m['loss']:.4f}{extra} "
-                  f"lr {m['lr']:.2e} tok/s {m['tokens_per_second']:.0f}", flush=True)
+                  f"lr {m['lr']:.2e} tok/s {m['tokens_per_second']:.0f} {eta}", flush=True)
 
         def after_exception(self, run_context, worker_exceptions):
             # A restart (max_failures) reports again and reopens them; the same W&B and MLflow run resumes.
