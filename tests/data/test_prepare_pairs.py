@@ -103,3 +103,19 @@ def test_precomputed_reference_logprobs_equal_a_direct_computation(prepared, mod
             assert row[f"ref_{side}_logps"] == pytest.approx(expected, abs=1e-4), (row["id"], side)
     # The right answer and the wrong one differ, so the values are not one constant.
     assert len({round(r["ref_chosen_logps"], 4) for r in rows}) > 5
+
+
+def test_held_out_pairs_scored_by_the_reference_itself_have_zero_rewards(prepared, model_dir):
+    from instune.eval.preference_eval import score_pairs
+
+    _, data_dir = prepared
+    scores = score_pairs(model_dir, data_dir / "validation", beta=0.5)
+    rows = rows_of(data_dir / "validation")
+    assert scores["pairs"] == len(rows) > 0
+    # The model is the reference: every DPO reward is 0, so none is higher, and the log-prob margin is the
+    # reference's own.
+    assert scores["reward_accuracy"] == 0.0 and scores["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    expected = np.mean([r["ref_chosen_logps"] - r["ref_rejected_logps"] for r in rows])
+    assert scores["logp_margin"] == pytest.approx(expected, abs=1e-4)
+    accuracy = np.mean([r["ref_chosen_logps"] > r["ref_rejected_logps"] for r in rows])
+    assert scores["preference_accuracy"] == pytest.approx(accuracy)
