@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from instune.atomic import atomic_dir, write_json
-from instune.data.accounting import most_common_rejects, outcome_counts, phase1_counts, phase1_line, phase2_line
+from instune.data.accounting import (most_common_rejects, outcome_counts, phase1_counts, phase1_line, phase2_line,
+                                     tokenization_drops_by_source)
 from instune.data.filters import build_checks
 from instune.data.manifest import MANIFEST, build_manifest, file_digests
 from instune.data.mix import mixture_copies, mixture_summary
@@ -86,6 +87,9 @@ def prepare(config: ExperimentConfig, tokenizer_path: str, data_dir: Path, eval_
                 reasons = {k["reason"] for kinds in splits["train"]["dropped"].values() for k in kinds}
                 raise UserError(f"data: every record drawn for training was dropped at tokenization "
                                 f"({'; '.join(sorted(reasons))}); raise model.max_length")
+            # The per-source table counts a record that cannot be trained on as rejected (accounting.source_table).
+            for source, dropped in tokenization_drops_by_source(tmp / "dropped", splits).items():
+                counts[source]["dropped_at_tokenization"] = dropped
         manifest = build_manifest(config.model_dump(mode="json"), counts, mixture_summary(kept, mix, copies, splits),
                                   splits, streamed=d.stream, seq_len=config.model.max_length,
                                   tokenizer_path=tokenizer_path)

@@ -261,6 +261,17 @@ def test_every_reject_reason_is_recorded_with_its_record(prepared):
     # Records too long to train on are accounted for at tokenization, with their reason.
     dropped = prepared["manifest"]["splits"]["train"]["dropped"]["chat"]
     assert [d["reason"] for d in dropped] == ["N tokens is over max_length N"]
+    # ... and the per-source table counts them as rejected, not kept (each record once, in either split).
+    from instune.data.accounting import source_table
+
+    chat = prepared["manifest"]["sources"]["chat"]
+    drops = [prepared["data_dir"] / "dropped" / split for split in ("train", "validation")]
+    distinct = {r["id"] for d in drops if d.is_dir() for r in read_table(d).to_pylist() if r["source"] == "chat"}
+    assert chat["dropped_at_tokenization"] == len(distinct) >= dropped[0]["count"] > 0
+    columns, rows = source_table(prepared["manifest"]["sources"])
+    row = dict(zip(columns, next(r for r in rows if r[0] == "chat")))
+    assert (row["kept"], row["rejected"]) == (chat["kept"] - len(distinct), chat["rejected"] + len(distinct))
+    assert row["kept"] + row["rejected"] == row["read"]
 
 
 @pytest.mark.slow
