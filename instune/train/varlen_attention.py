@@ -29,28 +29,31 @@ def varlen_available() -> bool:
     return True
 
 
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cumulative example boundaries over the flattened rows, int32 [examples + 1]; the longest example).
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative example boundaries over the flattened rows, int32 [examples + 1].
 
     An example starts wherever the position id is 0 and at every row's start, so no example spans two rows.
 
-    >>> cu, longest = cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]))
-    >>> cu.tolist(), longest
-    ([0, 3, 5, 6, 10, 12], 4)
+    >>> cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])).tolist()
+    [0, 3, 5, 6, 10, 12]
     """
     starts = position_ids == 0
     starts[:, 0] = True
     flat_starts = starts.reshape(-1).nonzero().reshape(-1)
     total = torch.tensor([position_ids.numel()], device=position_ids.device)
-    cu_seqlens = torch.cat([flat_starts, total]).to(torch.int32)
-    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return torch.cat([flat_starts, total]).to(torch.int32)
 
 
 def packed_attention_inputs(position_ids: torch.Tensor) -> dict:
-    """The keyword arguments that carry a batch's example boundaries to every attention layer."""
-    cu_seqlens, longest = cu_seqlens_from_position_ids(position_ids)
-    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": longest,
-            "max_length_k": longest}
+    """The keyword arguments that carry a batch's example boundaries to every attention layer.
+
+    The longest-example bound is the row length, not the longest example: it is an upper bound the kernel
+    sizes its grid by (blocks past an example's end exit at once), it needs no copy from the GPU to read it,
+    and it is the same for every batch, so compiled layers are not recompiled for each new longest example.
+    """
+    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+    bound = position_ids.size(-1)
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens, "max_length_q": bound, "max_length_k": bound}
 
 
 def varlen_kernel():
@@ -78,8 +81,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     heads_kv = key.size(1)
     if cu_seq_lens_q is None:
         assert position_ids is not None, "varlen attention needs position_ids or cu_seq_lens_q"
-        cu_seq_lens_q, max_length_q = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
-        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+        cu_seq_lens_q = cu_seq_lens_k = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
+        max_length_q = max_length_k = length
     parameters = varlen_parameters()
     kwargs = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
     if heads_q != heads_kv:

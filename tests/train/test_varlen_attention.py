@@ -21,13 +21,12 @@ def test_boundaries_come_from_position_ids_and_row_starts_including_rows_ending_
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2],
                                  [0, 1, 2, 3, 4, 5, 6, 7],
                                  [5, 6, 7, 0, 1, 2, 3, 4]])
-    cu_seqlens, longest = cu_seqlens_from_position_ids(position_ids)
+    cu_seqlens = cu_seqlens_from_position_ids(position_ids)
     assert cu_seqlens.dtype == torch.int32
     assert cu_seqlens.tolist() == [0, 3, 5, 8, 16, 19, 24]
-    assert longest == 8
     inputs = packed_attention_inputs(position_ids)
     assert inputs["cu_seq_lens_q"].tolist() == inputs["cu_seq_lens_k"].tolist() == cu_seqlens.tolist()
-    assert inputs["max_length_q"] == inputs["max_length_k"] == 8
+    assert inputs["max_length_q"] == inputs["max_length_k"] == 8  # the row length: a bound for every batch
 
 
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
@@ -36,6 +35,7 @@ def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
     assert window_size == (-1, 0), "the model must ask for causal attention"
     out = torch.empty_like(query)
     bounds = cu_seq_q.tolist()
+    assert max(end - start for start, end in zip(bounds[:-1], bounds[1:])) <= max_q, "max_q must bound every example"
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
         out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
