@@ -13,7 +13,12 @@ them when its controller, at the end of a run, stops the cleaner (ray.get(cleane
 cleaner's monitor thread sits in a state-API call (GET_ACTOR_TIMEOUT_S = 10 s) longer than that timeout. The
 controller then removes its placement group itself, as every graceful end does, and the cleaner exits once
 its thread sees the stop flag: nothing leaks (checked in ray/train/v2/_internal/callbacks/
-placement_group_callback.py and execution/controller/placement_group_cleaner.py, Ray 2.5x).
+placement_group_callback.py and execution/controller/placement_group_cleaner.py, Ray 2.5x). Outside a sweep
+the cleaner also logs "Failed to query Ray Train Controller actor state" every second: the state API lives in
+the dashboard, which `instune train` and `run` do not start, and nothing needs the cleaner there, since a
+private cluster ends with its driver. One line Ray's C++ core prints straight to the process's stderr stays
+on the console ("core_worker.cc: Actor ... has constructor arguments in the object store and max_restarts >
+0", for Ray Data's eval actor pool; ray-project/ray#53727): only redirecting file descriptor 2 would hide it.
 """
 
 from __future__ import annotations
