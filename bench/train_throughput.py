@@ -101,11 +101,13 @@ def plain_loop(settings, rows_file: Path, steps: int, pad_id: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
+    from instune.train.chunked_loss import chunked_linear_cross_entropy_sum, fused_head
     from instune.train.loop import build_model, count_targets, token_loss_sum, warmup_cosine
 
     device = torch.device("cuda" if settings.use_gpu else "cpu")
     started = time.perf_counter()
     model = build_model(settings, device)
+    head = fused_head(model, chunked_linear_cross_entropy_sum)  # the loss the loop computes (no logits tensor)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, settings.warmup_ratio))
@@ -117,7 +119,7 @@ def plain_loop(settings, rows_file: Path, steps: int, pad_id: int) -> dict:
         start = step * mbs % (n - n % mbs)
         batch = {k: torch.tensor(table[k][start:start + mbs], device=device)
                  for k in ("input_ids", "labels", "position_ids")}
-        loss = token_loss_sum(model, batch) / max(count_targets(batch), 1)
+        loss = token_loss_sum(model, batch, head=head) / max(count_targets(batch), 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
