@@ -169,7 +169,7 @@ def percentiles(values: np.ndarray) -> str:
 def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool, seed: int = 0,
                       sample_size: int = 500) -> Path:
     """Write `data_dir/report/report.md` and its figures from the manifest and the outputs; return its path."""
-    from instune.data.accounting import STAGES
+    from instune.data.accounting import STAGES, source_table
 
     out = Path(data_dir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -181,10 +181,8 @@ def write_data_report(data_dir: Path, manifest: dict, *, detect_languages: bool,
     md = [f"# Data report\n\nPrepared in {manifest.get('seconds', 0):.1f} s from {len(sources)} sources: "
           f"{sum(c['read'] for c in sources.values()):,} records read, {kept_total:,} kept."]
 
-    md.append("## Records per source\n\n" + markdown_table(
-        ["source", "read", "kept", "rejected", "kept %"],
-        [[n, c["read"], c["kept"], c["rejected"], f"{100 * c['kept'] / c['read']:.1f}" if c["read"] else "-"]
-         for n, c in sources.items()]))
+    # Records dropped at tokenization count as rejected here, not kept (accounting.source_table).
+    md.append("## Records per source\n\n" + markdown_table(*source_table(sources)))
     used = [st for st in STAGES if any(row["rejected"] for c in sources.values() for row in c["stages"]
                                        if row["stage"] == st)]
     md.append("## Rejected at each stage\n\n" + markdown_table(

@@ -85,7 +85,7 @@ def test_report_holds_counts_rejects_languages_lengths_and_mixture(data_dir):
     path = write_data_report(directory, manifest, detect_languages=True)
     assert path == directory / "report" / "report.md"
     md = path.read_text()
-    assert row(md, "a") == ["a", "10", "4", "6", "40.0"]
+    assert row(md, "a") == ["a", "10", "4", "6", "0", "40"]  # read, kept, rejected (0 at tokenization), kept %
     assert "| normalise | 2 | 0 |" in md and "| dedup:exact | 3 | 0 |" in md
     # Rejects by reason, each with its example; a pipe in an example cannot break the table.
     assert "| a | normalise | unknown role N | 2 | `{\"messages\": [{\"role\": \"robot\"}]}` |" in md
@@ -125,3 +125,12 @@ def test_conversation_chars_sums_every_message():
                                            MESSAGES)})
     assert conversation_chars(batch).tolist() == [len("You help.") + 3 + 2, 1]
     assert json.dumps(conversation_chars(pa.table({"messages": pa.array([], MESSAGES)})).tolist()) == "[]"
+
+
+def test_records_dropped_at_tokenization_count_as_rejected():
+    from instune.data.accounting import source_table
+
+    columns, rows = source_table({"a": {"read": 10, "kept": 6, "rejected": 4, "dropped_at_tokenization": 2},
+                                  "b": {"read": 0, "kept": 0, "rejected": 0}})
+    assert columns == ["source", "read", "kept", "rejected", "of which at tokenization", "kept %"]
+    assert rows == [["a", 10, 4, 6, 2, 40.0], ["b", 0, 0, 0, 0, None]]
