@@ -1,8 +1,17 @@
 """Experiment config: YAML -> validated, typed objects. Every setting and its default lives here once.
 
 `load_config(path, overrides)` is the only way in. A wrong key, type or value raises `UserError` with one
-line naming the file and the field path, before Ray starts. Code below the entry points takes the plain
-values it needs from these objects, never the whole config.
+line naming the file and the field path, before Ray starts.
+
+Who takes the whole config (typed `ExperimentConfig`): the stages (stages.py), the stage drivers they call
+(data/prepare.py, tune/sweep.py, tune/trial.py), and the functions that turn it into plain settings:
+train/trainer.training_run (LoopSettings, WorkerSettings), eval/evaluate.eval_settings,
+data/splits.phase2_arguments. Everything below them (the training loop, methods, strategies, readers,
+filters, dedup, tokenize, pack, eval workers) takes plain values or those settings dataclasses, never a
+config object; a few setup functions take the one typed section they turn into that work
+(filters.build_checks: data.filters, base_model.resolve_base_model: model, tune/space.py: sweep).
+`settings_from` fills a settings dataclass from config sections by field name: a new setting is a field here
+and a field of the same name there, with no copying in between.
 """
 
 from __future__ import annotations

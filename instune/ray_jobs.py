@@ -1,4 +1,5 @@
-"""Stages as Ray jobs: `instune submit STAGE CONFIG` runs one on a cluster, `instune jobs list|status|logs|stop` follows it.
+"""Stages as Ray jobs: `instune submit STAGE CONFIG` runs one on a cluster; `instune jobs list|status|logs|stop`
+follows it.
 
 A submitted job's working directory is a copy of the project (without .venv, outputs, .git and caches) with the
 fully resolved config beside it as `job_config.yaml`, so the job runs exactly the config that was validated
@@ -23,8 +24,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from instune.errors import UserError
+
+if TYPE_CHECKING:
+    from instune.config import ExperimentConfig
 
 STAGES = ("prepare", "train", "eval", "sweep", "run")
 # Never shipped: the local environment, outputs of local runs, history and caches.
@@ -42,7 +47,7 @@ def project_root() -> Path:
 # ---------------------------------------------------------------- checks before submitting
 
 
-def check_paths_for_cluster(config, source: str) -> None:
+def check_paths_for_cluster(config: ExperimentConfig, source: str) -> None:
     """Raise UserError for a path the job could not use: outputs it would lose, inputs it would not have."""
     written = [("output_dir", config.output_dir, f"/mnt/shared/instune/{config.name}")]
     if config.data.corpus is not None:

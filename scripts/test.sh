@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite, slow end-to-end tests included.
+# Install (if needed) and run the test suite: all of it by default, slow end-to-end tests included (CI does
+# this). Arguments go to pytest: `bash scripts/test.sh -m "not slow"` is the developer's loop, and paths or -k
+# narrow it further.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,11 +1,41 @@
-"""A real S3 endpoint for the tests of cloud outputs: moto's server on 127.0.0.1, in this process."""
+"""Fixtures every test directory shares: a private local Ray cluster (`local_ray_cluster`), and a real S3
+endpoint for the tests of cloud outputs (moto's server on 127.0.0.1, in this process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
 import pytest
+
+
+@contextlib.contextmanager
+def _local_ray(**init_kwargs):
+    import ray
+    import ray.data
+
+    # address "local": our own cluster even when a `ray start` cluster (or another test run's) is on this machine.
+    ray.init(**{"address": "local", "num_cpus": 4, "include_dashboard": False, **init_kwargs})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_ray_cluster():
+    """A function: ray.init keyword arguments (defaults: 4 logical CPUs, no dashboard) -> a context manager that
+    runs a private local Ray cluster and shuts it down. Module- and package-scoped fixtures use it, so a test
+    directory shares one cluster and the next directory starts its own:
+
+        @pytest.fixture(scope="module")
+        def ray_cluster(local_ray_cluster):
+            with local_ray_cluster(num_cpus=2):
+                yield
+    """
+    return _local_ray
 
 # Fake credentials: moto accepts any. No instance-metadata lookups (nothing answers them here).
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -10,12 +10,9 @@ from instune import ray_waits
 
 
 @pytest.fixture(scope="module")
-def two_cpu_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def two_cpu_cluster(local_ray_cluster):
+    with local_ray_cluster(num_cpus=2, log_to_driver=False):
+        yield
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray import tune
 
@@ -21,7 +22,10 @@ from instune import storage
 from instune.atomic import atomic_dir, write_text
 from instune.report.format import format_cell, markdown_table
 from instune.tune.objective import KINDS, MEASURE_PREFIXES, mode_of, with_objective
-from instune.tune.trial import ERROR_FILE, FINAL_FILE, SAMPLED_FILE, TRIAL_FILE, trial_dir_of
+from instune.tune.trial import ERROR_FILE, FINAL_FILE, SAMPLED_FILE, TRIAL_FILE, TrialPlan, trial_dir_of
+
+if TYPE_CHECKING:
+    from instune.config import SweepConfig
 
 SCORE_NAMES = [f"{scope}_{measure}" for measure in MEASURE_PREFIXES
                for scope in (*KINDS, "generalisation", "gap")]
@@ -121,7 +125,8 @@ def table_columns(rows: list[dict], param_paths: list[str], mix_names: list[str]
 
 def ranked_table(rows: list[dict], columns: list[str]) -> str:
     """The trials as a Markdown table, ranked as `rows` are sorted."""
-    return markdown_table(["rank", *columns], [[rank, *(row.get(c) for c in columns)] for rank, row in enumerate(rows, 1)])
+    return markdown_table(["rank", *columns],
+                          [[rank, *(row.get(c) for c in columns)] for rank, row in enumerate(rows, 1)])
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
@@ -175,7 +180,7 @@ def learning_curves(rows: list[dict], plan) -> dict[str, list[dict]]:
     return curves
 
 
-def write_results(results, plan, sweep, tree: dict, sweep_dir: Path, experiment_dir: Path):
+def write_results(results, plan: TrialPlan, sweep: SweepConfig, tree: dict, sweep_dir: Path, experiment_dir: Path):
     """Tables, best config and plots from Tune's ResultGrid; returns SweepPaths."""
     from instune.tune.plots import plot_learning_curves, plot_mix, plot_objective_vs_params
 

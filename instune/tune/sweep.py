@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from instune import storage
 from instune.errors import UserError
@@ -27,6 +28,9 @@ from instune.tune.results import SweepPaths
 from instune.tune.space import check_param_paths, mix_names, param_space
 from instune.tune.trial import RESULT_FILES, TRIALS_DIR, TrialPlan, run_trial
 
+if TYPE_CHECKING:
+    from instune.config import ExperimentConfig, ScalingConfig, SweepConfig
+
 TUNE_DIR = "tune"
 SWEEP_CONFIG = "sweep_config.yaml"
 # ASHA never stops a trial for reaching max_t: every trial runs its own steps, and rungs sit at
@@ -34,7 +38,7 @@ SWEEP_CONFIG = "sweep_config.yaml"
 NO_STEP_LIMIT = 2**31
 
 
-def check_sweep(config, tree: dict) -> None:
+def check_sweep(config: ExperimentConfig, tree: dict) -> None:
     """Everything about the sweep section that can be checked before Ray starts; raises UserError."""
     sweep = config.sweep
     if sweep is None:
@@ -68,14 +72,14 @@ def check_same_sweep(sweep_dir: str | Path, config_yaml: str) -> None:
                         "or set another output_dir to start a new sweep")
 
 
-def is_prepared_for(manifest: dict, config) -> bool:
+def is_prepared_for(manifest: dict, config: ExperimentConfig) -> bool:
     """True when the prepared data was made from the same data and model settings."""
     made = manifest.get("config", {})
     return made.get("data") == config.data.model_dump(mode="json") and \
         made.get("model") == config.model.model_dump(mode="json")
 
 
-def max_concurrent_trials(scaling, cluster: dict, configured: int | None) -> int:
+def max_concurrent_trials(scaling: ScalingConfig, cluster: dict, configured: int | None) -> int:
     """Trials at once: configured, or as many as the cluster holds (workers + one CPU for data and eval each).
 
     Tune cannot see the resources a trial's Train run asks for, and a Train run waits for them forever, so
@@ -90,7 +94,8 @@ def max_concurrent_trials(scaling, cluster: dict, configured: int | None) -> int
     return max(1, fits)
 
 
-def mixing_inputs(config, manifest: dict, data_dir: Path, sweep_dir: Path) -> tuple[Path, dict[str, int]]:
+def mixing_inputs(config: ExperimentConfig, manifest: dict, data_dir: Path,
+                  sweep_dir: Path) -> tuple[Path, dict[str, int]]:
     """(records to mix, records per mixing name): by source from data/filtered, or by domain from its copy."""
     from instune.tune.domains import rekey_by_domain
 
@@ -102,8 +107,8 @@ def mixing_inputs(config, manifest: dict, data_dir: Path, sweep_dir: Path) -> tu
     return sweep_dir / "by_domain", kept
 
 
-def trial_plan(config, tree: dict, eval_sets: list, model_path: str, tokenizer_path: str, filtered_dir: Path,
-               kept: dict[str, int], sweep_dir: Path, sweep_uri: str | None = None) -> TrialPlan:
+def trial_plan(config: ExperimentConfig, tree: dict, eval_sets: list, model_path: str, tokenizer_path: str,
+               filtered_dir: Path, kept: dict[str, int], sweep_dir: Path, sweep_uri: str | None = None) -> TrialPlan:
     from instune.eval.evaluate import eval_settings
     from instune.tune.eval_data import tokenize_eval_sets
 
@@ -126,7 +131,7 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurrency: int,
+def make_tuner(trainable, sweep: SweepConfig, eval_every: int, experiment_dir: Path, concurrency: int,
                experiment_uri: str | None = None):
     """A new Tuner, or the interrupted one restored: finished and failed trials stay, the rest run.
     Tune's state goes to `experiment_uri` when given (a URI output_dir), else to `experiment_dir`."""
@@ -175,7 +180,7 @@ def make_tuner(trainable, sweep, eval_every: int, experiment_dir: Path, concurre
     )
 
 
-def run_sweep(config, eval_sets: list, manifest: dict, model_path: str, tokenizer_path: str,
+def run_sweep(config: ExperimentConfig, eval_sets: list, manifest: dict, model_path: str, tokenizer_path: str,
               data_dir: Path, sweep_dir: Path, sweep_uri: str | None = None) -> SweepPaths:
     """Run (or resume) the sweep on the connected Ray cluster and write its results into `sweep_dir` (and
     `sweep_uri`, for a URI output_dir); returns where they are."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -23,6 +24,9 @@ from instune import storage
 from instune.atomic import write_json, write_text
 from instune.tune.objective import with_objective
 from instune.tune.space import apply_overrides, mix_weights, param_overrides, source_weight_overrides
+
+if TYPE_CHECKING:
+    from instune.config import ExperimentConfig
 
 TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
@@ -104,7 +108,7 @@ def run_trial(sampled: dict, plan: TrialPlan) -> None:
     ray.tune.report(final)
 
 
-def trial_config(sampled: dict, plan: TrialPlan):
+def trial_config(sampled: dict, plan: TrialPlan) -> tuple[ExperimentConfig, dict[str, float], dict]:
     """(validated config, mix weights by name, the overrides applied)."""
     from instune.config import validate_config
 
@@ -119,7 +123,7 @@ def trial_config(sampled: dict, plan: TrialPlan):
     return config, weights, overrides
 
 
-def trial_datasets(config, plan: TrialPlan, weights: dict[str, float]) -> dict:
+def trial_datasets(config: ExperimentConfig, plan: TrialPlan, weights: dict[str, float]) -> dict:
     """The trial's mixture (train, and validation when configured) and the eval sets, as Ray Datasets."""
     import pyarrow.parquet as pq
     import ray.data

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import ray
 import yaml
 
 from instune import cli
@@ -12,10 +11,9 @@ QA = [("What is 2 + 3?", "5"), ("What is 7 + 1?", "8"), ("Convert 2 km to m.", "
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def ray_cluster(local_ray_cluster):
+    with local_ray_cluster():
+        yield
 
 
 def write_config(tmp_path, model_dir) -> str:

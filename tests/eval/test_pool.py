@@ -1,15 +1,13 @@
 import pytest
-import ray
 
 from instune.eval.evaluate import EvalSettings, evaluate_in_process
 from instune.eval.pool import evaluate_with_ray
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+def ray_cluster(local_ray_cluster):
+    with local_ray_cluster():
+        yield
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import write_packed_rows, write_tiny_model
+from .train_helpers import write_packed_rows, write_tiny_model
 
 
 @pytest.fixture(scope="session")

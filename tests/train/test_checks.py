@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import write_tiny_model
+from .train_helpers import write_tiny_model
 
 from instune.config import StrategyConfig
 from instune.errors import UserError

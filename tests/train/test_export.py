@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import write_packed_rows
+from .train_helpers import write_packed_rows
 from transformers import AutoModelForCausalLM
 
 from instune.train.checkpoint import WEIGHTS_FILE

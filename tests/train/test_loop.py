@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import logits_sgd_step, read_metrics, run_many, write_packed_rows
+from .train_helpers import logits_sgd_step, read_metrics, run_many, write_packed_rows
 from transformers import AutoModelForCausalLM
 
 from instune.train.loop import LoopSettings, run_training, warmup_cosine

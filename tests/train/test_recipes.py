@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, read_metrics, run_many, write_packed_rows
+from .train_helpers import REPO, read_metrics, run_many, write_packed_rows
 
 from instune.config import load_config
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import read_metrics, run_torchrun, write_packed_rows
+from .train_helpers import read_metrics, run_torchrun, write_packed_rows
 
 from instune.errors import UserError
 from instune.train.loop import CRASH_MARKER_ENV, LoopSettings

@@ -8,9 +8,7 @@ import os
 import struct
 
 import pytest
-import ray
-import ray.data
-from train_helpers import write_packed_rows
+from .train_helpers import write_packed_rows
 
 from instune.errors import UserError
 from instune.stages import read_split
@@ -26,13 +24,9 @@ def crash_marker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(crash_marker):
-    # address "local": our own cluster even when another `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {CRASH_MARKER_ENV: str(crash_marker)}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def ray_cluster(local_ray_cluster, crash_marker):
+    with local_ray_cluster(runtime_env={"env_vars": {CRASH_MARKER_ENV: str(crash_marker)}}):
+        yield
 
 
 def scalar_tags(event_dir) -> set[str]:

@@ -116,9 +116,7 @@ def write_config(tree: dict, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
+def ray_cluster(local_ray_cluster):
     import socket
 
     # With the dashboard, as `instune sweep` starts it (Ray Train's placement-group cleaner uses its state
@@ -126,9 +124,8 @@ def ray_cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_port=port)
-    yield
-    ray.shutdown()
+    with local_ray_cluster(include_dashboard=True, dashboard_port=port):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import read_metrics, run_many, write_packed_rows
+from ..train_helpers import read_metrics, run_many, write_packed_rows
 
 from instune.train.loop import LoopSettings
 from instune.train.methods import MethodSettings

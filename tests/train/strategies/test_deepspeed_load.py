@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 from safetensors.torch import load_file
-from train_helpers import read_metrics, write_packed_rows
+from ..train_helpers import read_metrics, write_packed_rows
 
 from instune.train.checkpoint import WEIGHTS_FILE
 from instune.train.loop import LoopSettings, run_training
