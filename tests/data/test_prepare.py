@@ -22,9 +22,7 @@ import ray.data
 
 from instune.base_model import tokenizer_training_texts
 from instune.config import validate_config
-from instune.data.accounting import STAGES, reason_kind, stage_table
 from instune.data.manifest import load_manifest
-from instune.data.mix import draw_batch, mixture_copies, requested_fractions
 from instune.data.prepare import prepare
 from instune.data.splits import stream_train_data
 from instune.data.tokenize import IGNORE_INDEX
@@ -142,47 +140,6 @@ def test_missing_source_path_fails_before_ray_starts(tmp_path, model_dir, monkey
     with pytest.raises(UserError, match=r"source 'gone': path .*nowhere.jsonl does not exist"):
         prepare(config, model_dir, tmp_path / "data")
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob(".data*"))
-
-
-def test_reason_kinds_group_particulars():
-    assert reason_kind("read", "record is 5123 bytes, over max_record_bytes (4096)") == \
-        "record is N bytes, over max_record_bytes (N)"
-    assert reason_kind("dedup:exact", "exact duplicate of s:f.jsonl:line 3") == "exact duplicate"
-    assert reason_kind("dedup:near", "near-duplicate of s:f.jsonl:line 3 (jaccard≈0.91)") == "near-duplicate"
-    assert reason_kind("score", "ifd 0.9812 is below min_score 1.5") == "ifd N is below min_score N"
-
-
-def test_mixture_copies_upsample_small_sources_and_follow_weights():
-    kept, weights = {"big": 1000, "small": 10, "none": 0}, {"big": 1.0, "small": 1.0, "none": 5.0}
-    copies = mixture_copies(kept, weights, 400)
-    assert copies == {"big": 0.2, "small": 20.0, "none": 0.0}
-    assert requested_fractions(kept, weights, 400) == {"big": 0.5, "small": 0.5, "none": 0.0}
-    # Without a size every kept record is drawn once, so the sources' shares follow their sizes.
-    assert requested_fractions(kept, weights, None) == {"big": 1000 / 1010, "small": 10 / 1010, "none": 0.0}
-    with pytest.raises(UserError, match="weight 0"):
-        mixture_copies({"a": 5}, {"a": 0.0}, 10)
-
-
-def test_draw_batch_splits_and_repeats_by_id():
-    ids = [f"s:f:line {i}" for i in range(2000)]
-    batch = pa.table({"id": ids, "source": ["s"] * 2000})
-    kwargs = {"copies_by_source": {"s": 1.5}, "seed": 3, "validation_fraction": 0.2}
-    train, validation = draw_batch(batch, "train", **kwargs), draw_batch(batch, "validation", **kwargs)
-    train_ids, validation_ids = set(train["id"].to_pylist()), set(validation["id"].to_pylist())
-    assert not train_ids & validation_ids and len(train_ids | validation_ids) == 2000
-    assert abs(len(validation_ids) - 400) < 60 and validation.num_rows == len(validation_ids)
-    repeats = Counter(train["id"].to_pylist())
-    assert set(repeats.values()) == {1, 2} and abs(train.num_rows / len(train_ids) - 1.5) < 0.06
-    assert sorted(train["copy"].to_pylist()).count(1) == sum(n == 2 for n in repeats.values())
-    assert draw_batch(batch, "train", **kwargs).equals(train)  # the same draw every time
-
-
-def test_stage_table_chains_counts():
-    table = stage_table({"s": 10}, {("s", "read", "x"): 2, ("s", "dedup:near", "y"): 3, ("s", "score", "z"): 1})
-    rows = {r["stage"]: r for r in table["s"]}
-    assert [r["stage"] for r in table["s"]] == list(STAGES)
-    assert rows["read"] == {"stage": "read", "in": 10, "rejected": 2, "out": 8}
-    assert rows["dedup:near"]["in"] == 8 and rows["score"] == {"stage": "score", "in": 5, "rejected": 1, "out": 4}
 
 
 # ---------------------------------------------------------------- one prepare run, many checks
