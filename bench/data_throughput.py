@@ -1,6 +1,7 @@
 """Data stage benchmark: end-to-end `prepare` against a bare batch tokenizer, memory growth, dedup scaling.
 
     python bench/data_throughput.py [--mb 50] [--workdir /tmp/instune-data-bench] [--object-store-mb 1024]
+                                    [--shuffle windowed|global]
 
 Writes a ShareGPT-like JSONL corpus of `--mb` megabytes (N) and one four times larger (4N: the same files plus
 three times as many more), with exact and near duplicates across files. Then, on the same cores:
@@ -20,6 +21,8 @@ three times as many more), with exact and near duplicates across files. Then, on
 
 The object store is capped at the same size for both runs (`--object-store-mb`), as on any real node: what
 does not fit spills to disk, so memory tracks the cap and the per-worker working sets, not the corpus.
+Every prepare run uses `--shuffle` as data.shuffle (default windowed, the bounded one; run once with global
+to compare: the global shuffle holds the whole drawn mixture, 4N/N was 1.45 with it).
 Prints one table; targets: throughput ratio >= 0.8, peak memory 4N/N <= 1.3, near-dedup time 4N/N <= 5.
 """
 
@@ -193,10 +196,10 @@ class PeakMemory:
         self.thread.join()
 
 
-def bench_config(files: list[Path], workdir: Path, pipeline: str):
+def bench_config(files: list[Path], workdir: Path, pipeline: str, shuffle: str = "global"):
     from instune.config import validate_config
 
-    data = {"sources": [{"name": "chat", "path": [str(f) for f in files], "format": "sharegpt"}]}
+    data = {"sources": [{"name": "chat", "path": [str(f) for f in files], "format": "sharegpt"}], "shuffle": shuffle}
     if pipeline == "tokenize":
         data.update(filters={"length": None, "quality": None}, dedup={"exact": False})
     else:
@@ -215,7 +218,7 @@ def child(args) -> None:
 
     files = [Path(f) for f in args.files.split(",")]
     workdir = Path(args.workdir)
-    config = bench_config(files, workdir, args.pipeline)
+    config = bench_config(files, workdir, args.pipeline, args.shuffle)
     for attempt in range(3):
         try:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
@@ -226,7 +229,7 @@ def child(args) -> None:
                 raise
             ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    data_dir = workdir / f"data-{args.pipeline}-{len(files)}"
+    data_dir = workdir / f"data-{args.pipeline}-{args.shuffle}-{len(files)}"
     if args.pipeline == "tokenize":
         # Timed alone: sampling every process's PSS costs the kernel about a tenth of a core.
         started = time.perf_counter()
@@ -261,9 +264,10 @@ def child(args) -> None:
     ray.shutdown()
 
 
-def run_child(files: list[Path], args, tokenizer: str, pipeline: str) -> dict:
+def run_child(files: list[Path], args, tokenizer: str, pipeline: str, shuffle: str = "global") -> dict:
     command = [sys.executable, __file__, "--child", "--files", ",".join(map(str, files)), "--workdir", args.workdir,
-               "--tokenizer", tokenizer, "--object-store-mb", str(args.object_store_mb), "--pipeline", pipeline]
+               "--tokenizer", tokenizer, "--object-store-mb", str(args.object_store_mb), "--pipeline", pipeline,
+               "--shuffle", shuffle]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"prepare run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -273,11 +277,11 @@ def run_child(files: list[Path], args, tokenizer: str, pipeline: str) -> dict:
     return result
 
 
-def bracketed(files: list[Path], args, tokenizer: str) -> tuple[dict, dict]:
+def bracketed(files: list[Path], args, tokenizer: str, shuffle: str) -> tuple[dict, dict]:
     """(baseline, tokenize-only prepare) on `files`, the baseline's seconds the mean of a run before the prepare
     and one after: this machine's speed drifts by a fifth from minute to minute, and the mean follows it."""
     before = baseline(files, tokenizer)
-    prepared = run_child(files, args, tokenizer, "tokenize")
+    prepared = run_child(files, args, tokenizer, "tokenize", shuffle)
     after = baseline(files, tokenizer)
     return {**before, "seconds": (before["seconds"] + after["seconds"]) / 2,
             "both": (before["seconds"], after["seconds"])}, prepared
@@ -297,6 +301,8 @@ def main() -> None:
     parser.add_argument("--files", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", choices=["tokenize", "full"], default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--shuffle", choices=["global", "windowed"], default="windowed",
+                        help="data.shuffle of every prepare run (run the bench once per value to compare)")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -306,15 +312,15 @@ def main() -> None:
     small, large = write_corpora(workdir, args.mb)
     tokenizer = tokenizer_dir(workdir)
     print("prepare N, tokenize only, between two tokenizer baselines ...", flush=True)
-    base, t = bracketed(small, args, tokenizer)
+    base, t = bracketed(small, args, tokenizer, args.shuffle)
     # 4N as well: at N a run's fixed costs (Ray jobs starting, workers importing, the tokenizer's parts loaded,
     # the report drawn) are a large share; at 4N the ratio is closer to the pipeline's steady throughput.
     print("prepare 4N, tokenize only, between two tokenizer baselines ...", flush=True)
-    base4, t4 = bracketed(large, args, tokenizer)
+    base4, t4 = bracketed(large, args, tokenizer, args.shuffle)
     print("prepare N, full ...", flush=True)
-    n = run_child(small, args, tokenizer, "full")
+    n = run_child(small, args, tokenizer, "full", args.shuffle)
     print("prepare 4N, full ...", flush=True)
-    n4 = run_child(large, args, tokenizer, "full")
+    n4 = run_child(large, args, tokenizer, "full", args.shuffle)
 
     size = lambda files: sum(f.stat().st_size for f in files) / 1e6  # noqa: E731
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
@@ -349,7 +355,7 @@ def main() -> None:
         ("near-duplicates found", f"{n['near_duplicates']:,}", f"{n4['near_duplicates']:,}", "", ""),
         ("packing efficiency", f"{n['packing_efficiency']:.1%}", f"{n4['packing_efficiency']:.1%}", "", ""),
     ]
-    print(f"\ncpus {os.cpu_count()}, object store cap {args.object_store_mb} MiB, baseline tokens "
+    print(f"\ndata.shuffle {args.shuffle}, cpus {os.cpu_count()}, object store cap {args.object_store_mb} MiB, baseline tokens "
           f"{base['tokens']:,} in {base['seconds']:.1f} s\n")
     widths = [max(len(str(r[i])) for r in rows + [("metric", "N", "4N", "target", "result")]) for i in range(5)]
     for r in [("metric", "N", "4N", "target", "result")] + rows:

@@ -343,6 +343,11 @@ class DataConfig(Strict):
     outcome_markers: OutcomeMarkerConfig | None = None
     # Train straight from the mix/tokenize/pack pipeline over `filtered/` instead of writing packed splits.
     stream: bool = False
+    # How phase 2 shuffles the train mixture (instune/data/shuffle.py): "global" permutes all of it at once, so
+    # its memory grows with the corpus; "windowed" reads the files in a seeded random order and permutes rows
+    # within windows of `shuffle_window` consecutive rows, so memory is bounded by the window.
+    shuffle: Literal["global", "windowed"] = "global"
+    shuffle_window: int = Field(20_000, gt=1)
     # Join consecutive messages of the same role (two user turns in a row, common in scraped chat data) into one,
     # with a blank line between, before the chat template renders them; counted in the data report. Off, a
     # template that requires alternating roles (Gemma, Mistral v1-v3, Cohere) rejects such a record.

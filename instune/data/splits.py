@@ -175,22 +175,30 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
                       validation_fraction: float = 0.0, concurrency: int | None = 1,
                       outcome_markers: OutcomeMarkers | None = None, drops_dir: Path | None = None,
                       adjusted_dir: Path | None = None, join_turns: bool = False,
-                      batch_size: int = TOKENIZE_BATCH_ROWS, tokenizer_parts: TokenizerParts | None = None):
+                      batch_size: int = TOKENIZE_BATCH_ROWS, tokenizer_parts: TokenizerParts | None = None,
+                      shuffle: str = "global", shuffle_window: int = 20_000):
     """Phase 2, lazily: (train dataset, validation dataset or None, copies per source).
 
     `size` is the size of the train mixture: with a validation split, copies are worked out over the records
     outside it (one pass over the ids). With `drops_dir`, records dropped at tokenization are written under
     `drops_dir/<split>/`, and records the chat template adjusted under `adjusted_dir/<split>/`. `concurrency`
     caps the tokenize tasks running at once; None runs one per CPU.
-    `tokenizer_parts` (of the tokenizer at `tokenizer_path`) is loaded here when not given.
+    `tokenizer_parts` (of the tokenizer at `tokenizer_path`) is loaded here when not given. `shuffle` and
+    `shuffle_window` choose how the train mixture is shuffled (shuffle.py).
     """
     import ray
+    from ray.data.datasource import FileShuffleConfig
+
+    from instune.data.shuffle import shuffled
 
     if validation_fraction:
         held_in = drawn_counts(filtered_dir, "train", dict.fromkeys(kept, 1.0), seed, validation_fraction)
         kept = {s: held_in.get(s, 0) for s in kept}
     copies = mixture_copies(kept, weights, size)
-    records = task_shuffle(read_parquet(str(filtered_dir), override_num_blocks=shuffle_blocks(filtered_dir)))
+    # A windowed shuffle also reads the files in a seeded random order, so its windows mix sources.
+    file_order = FileShuffleConfig(seed=seed) if shuffle == "windowed" else None
+    records = task_shuffle(read_parquet(str(filtered_dir), override_num_blocks=shuffle_blocks(filtered_dir),
+                                        shuffle=file_order))
     tasks = concurrency or cluster_cpus()
     if tokenizer_parts is None:
         tokenizer_parts = ray.get(start_loading_tokenizer_parts(tokenizer_path))
@@ -198,10 +206,8 @@ def mix_tokenize_pack(filtered_dir: Path, kept: dict[str, int], weights: dict[st
     def split(name: str):
         drawn = records.map_batches(draw_batch, batch_format="pyarrow", fn_kwargs={
             "split": name, "copies_by_source": copies, "seed": seed, "validation_fraction": validation_fraction})
-        if name == "train":
-            # A global shuffle, so bins mix sources and training sees them interleaved; Ray Data spills it to
-            # disk when it outgrows the object store.
-            drawn = drawn.random_shuffle(seed=seed)
+        if name == "train":  # so bins mix sources and training sees them interleaved
+            drawn = shuffled(drawn, shuffle, seed, shuffle_window)
         return drawn.map_batches(
             tokenize_and_pack, batch_size=batch_size, concurrency=concurrency, batch_format="pyarrow",
             fn_kwargs={"tokenizer_path": tokenizer_path, "seq_len": seq_len, "truncation": truncation,
@@ -220,7 +226,7 @@ def phase2_arguments(config: ExperimentConfig, tokenizer_path: str) -> dict:
     return {"weights": {s.name: s.weight for s in d.sources}, "size": d.mix_size, "seed": d.seed,
             "tokenizer_path": tokenizer_path, "seq_len": config.model.max_length, "truncation": d.truncation,
             "pack": d.pack, "validation_fraction": d.validation_fraction, "outcome_markers": markers,
-            "join_turns": d.join_consecutive_turns}
+            "join_turns": d.join_consecutive_turns, "shuffle": d.shuffle, "shuffle_window": d.shuffle_window}
 
 
 def write_splits(out_dir: Path, kept: dict[str, int], mix: dict) -> tuple[dict, dict]:
