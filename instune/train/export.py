@@ -24,12 +24,11 @@ BITFIT_FILE = "bitfit.safetensors"
 
 def rebuild_trained_model(checkpoint_dir: Path, base_model_path: str):
     """(model with the checkpoint's weights, its MethodSettings), in fp32 on the CPU."""
-    from transformers import AutoModelForCausalLM
-
     from instune.model_source import is_remote, local_model_dir
+    from instune.train.vision import model_class
 
     settings = read_method(checkpoint_dir)
-    base = AutoModelForCausalLM.from_pretrained(local_model_dir(base_model_path))
+    base = model_class(base_model_path).from_pretrained(local_model_dir(base_model_path))
     if is_remote(base_model_path):
         base.name_or_path = base_model_path  # the adapter names its Hub id or bucket, not this node's cache
     model = apply_method(base, settings)
@@ -42,13 +41,17 @@ def export_model(checkpoint_dir: Path, base_model_path: str, tokenizer_path: str
     """Write output_dir/adapter and output_dir/merged (None for prefix/prompt tuning), each atomically;
     returns their paths."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from instune.train.vision import is_vision_language
 
     model, settings = rebuild_trained_model(Path(checkpoint_dir), base_model_path)
     assert settings.method == method, f"checkpoint {checkpoint_dir} is {settings.method}, not {method}"
     from instune.model_source import local_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
+    # A vision-language model's processor (tokenizer, image processor, template) goes with it whole.
+    loader = AutoProcessor if is_vision_language(base_model_path) else AutoTokenizer
+    tokenizer = loader.from_pretrained(local_model_dir(tokenizer_path))
     adapter_dir, merged_dir = Path(output_dir) / "adapter", Path(output_dir) / "merged"
     with atomic_dir(adapter_dir) as tmp:
         if method == "bitfit":

@@ -87,6 +87,9 @@ class LoopSettings:
     # sft, or a preference loss on pairs (dpo, ipo, cdpo, simpo, orpo: preference_step.py) with its settings.
     objective: str = "sft"
     preference: PreferenceSettings = field(default_factory=PreferenceSettings)
+    # Vision-language models only (vision.py): whether the vision tower trains (full fine-tuning; for LoRA
+    # the driver's target_modules say it, vision.lora_targets).
+    train_vision_tower: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +131,8 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 def model_inputs(batch: dict, varlen: bool) -> dict:
     """The forward pass's arguments for a batch; with varlen attention, its example boundaries too."""
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "pixel_values" in batch:  # image-text rows (multimodal_batches.py)
+        inputs["pixel_values"] = batch["pixel_values"]
     if varlen:
         inputs.update(packed_attention_inputs(batch["position_ids"]))
     return inputs
@@ -225,9 +230,8 @@ def reduced_pair_metrics(pair_sums: dict, device) -> dict:
 
 def build_model(settings: LoopSettings, device, use_liger: bool = False):
     """The base model with the method applied, on `device`; identical on every worker (same seed)."""
-    from transformers import AutoModelForCausalLM
-
     from instune.model_source import local_model_dir
+    from instune.train.vision import freeze_vision_tower, is_vision_language, model_class
 
     # Under DDP, low-precision runs keep fp32 master weights for whatever trains and use autocast; a PEFT
     # method's frozen base stays in low precision (PEFT keeps its adapter weights in fp32). DeepSpeed
@@ -236,7 +240,8 @@ def build_model(settings: LoopSettings, device, use_liger: bool = False):
     dtype = getattr(torch, settings.dtype) if low_precision_base else torch.float32
     if settings.attn_implementation == VARLEN:
         register_varlen_attention()
-    model = AutoModelForCausalLM.from_pretrained(
+    vision_language = is_vision_language(settings.model_path)
+    model = model_class(settings.model_path).from_pretrained(
         local_model_dir(settings.model_path), dtype=dtype, attn_implementation=settings.attn_implementation)
     model.config.use_cache = False
     if use_liger:
@@ -250,6 +255,8 @@ def build_model(settings: LoopSettings, device, use_liger: bool = False):
         if settings.method.method in PEFT_METHODS:
             model.enable_input_require_grads()
     model = apply_method(model, settings.method)
+    if vision_language and not settings.train_vision_tower:
+        freeze_vision_tower(model)
     if settings.head_dropout:
         add_head_dropout(model, settings.head_dropout)
     model = model.to(device)
@@ -322,6 +329,12 @@ def crash_if_marked(step: int, rank: int, world_size: int) -> None:
 
 def run_training(settings: LoopSettings, session) -> None:
     """Train for `settings.total_steps` optimizer steps, reporting through `session`."""
+    from dataclasses import replace
+
+    from instune.train.vision import method_for
+
+    settings = replace(settings, method=method_for(settings.method, settings.model_path,
+                                                   settings.train_vision_tower))
     seed_everything(settings.seed)
     device = torch.device(f"cuda:{session.local_rank}") if settings.use_gpu and torch.cuda.is_available() \
         else torch.device("cpu")

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from instune.train.multimodal_batches import MULTIMODAL_COLUMNS, collate_multimodal
+
 COLUMNS = ("input_ids", "labels", "position_ids")
 # A preference pair's row: both sides' ids and labels, and the reference's log-probs when prepare computed them.
 PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -19,8 +21,11 @@ REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def columns_of(names) -> tuple[str, ...]:
-    """The columns a batch of rows with these column names trains from: packed SFT rows or preference pairs."""
+    """The columns a batch of rows with these column names trains from: packed SFT rows, preference pairs or
+    image-text rows (multimodal_batches.py)."""
     names = set(names)
+    if "pixel_values" in names:
+        return MULTIMODAL_COLUMNS
     if not set(PAIR_COLUMNS) <= names:
         return COLUMNS
     return PAIR_COLUMNS + tuple(c for c in REFERENCE_COLUMNS if c in names)
@@ -29,6 +34,8 @@ CHECKPOINT_SCRATCH_PREFIX = "instune-ckpt-"
 
 
 def to_tensors(batch: dict) -> dict:
+    if "pixel_values" in batch:
+        return collate_multimodal(batch)
     # Token columns are integers; the reference log-probs stay floating point.
     return {k: torch.as_tensor(np.stack(batch[k]) if batch[k].dtype == object else batch[k],
                                dtype=torch.float32 if k in REFERENCE_COLUMNS else torch.long)
@@ -141,6 +148,9 @@ class FileSession:
         full = len(mine) // batch_size * batch_size if name == "train" else len(mine)
         for start in range(0, full, batch_size):
             chunk = table.take(mine[start:start + batch_size])
+            if "pixel_values" in columns:
+                yield collate_multimodal({k: chunk[k].to_pylist() for k in columns})
+                continue
             yield {k: torch.tensor(chunk[k].to_numpy(), dtype=torch.float32) if k in REFERENCE_COLUMNS
                    else rows_tensor(chunk[k]) for k in columns}
 
