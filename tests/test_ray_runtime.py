@@ -17,12 +17,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from instune import ray_runtime
+from instune import ray_runtime, ray_waits
 from instune.config import ScalingConfig
 from instune.errors import UserError
 from instune.ray_runtime import start_ray, stop_ray, unused_port
 
-ONE_WORKER = ScalingConfig(num_workers=1)
+ONE_WORKER = ScalingConfig(num_workers=1, resource_wait_s=2)
 
 
 @pytest.fixture
@@ -87,11 +87,12 @@ def what_a_worker_sees():
     return ray.get(Probe.remote().look_up.remote(), timeout=120)
 
 
-def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path, capsys):
+def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path, capsys, monkeypatch):
     import ray
 
     dead = f"127.0.0.1:{unused_port()}"
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
+    monkeypatch.setattr(ray_waits, "CHECK_EVERY_S", 0.2)
     start_ray(ONE_WORKER, tmp_path / "out", dashboard=True)
     console = capsys.readouterr()
     assert "Started a local Ray instance" not in console.err
@@ -122,6 +123,21 @@ def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path,
     time.sleep(0.5)
     console = capsys.readouterr()
     assert console.out == "[probe] 1/2 steps\n"
+
+    # A placement group that waits past scaling.resource_wait_s for CPUs another holds ends the run (the
+    # main thread gets KeyboardInterrupt; the CLI then exits 3) with one line naming the holder.
+    from ray.util.placement_group import placement_group
+
+    holder = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    holder.wait(timeout_seconds=60)
+    waiter = placement_group([{"CPU": 1}])
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        while time.monotonic() - started < 60:
+            time.sleep(0.05)
+    assert ONE_WORKER.resource_wait_s <= time.monotonic() - started < 30
+    assert ray_waits.stuck().startswith(f"placement group {waiter.id.hex()[:8]} of job ")
+    assert capsys.readouterr().err == f"instune: error: {ray_waits.stuck()}\n"
     stop_ray()
     assert "RAY_ADDRESS" not in os.environ and "RAY_GCS_SERVER_PORT" not in os.environ
     # Ray's own start-up lines went to the log file, not the console.
@@ -174,3 +190,23 @@ def test_join_without_a_live_cluster_is_a_one_line_error(ray_tmpdir, tmp_path):
     with pytest.raises(UserError, match=f"names {dead}, where none answers"):
         start_ray(ONE_WORKER, tmp_path)
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("stage_ends", ["interrupted", "aborted", "returned"])
+def test_the_cli_exits_3_after_a_stuck_wait_however_the_stage_ends(monkeypatch, stage_ends):
+    """The watcher interrupts the main thread; Ray Train may turn that into another error or an exit, and
+    Tune into an early, normal return. The watcher printed the line; the CLI only sets the exit code."""
+    from instune import cli
+
+    def dispatch(args):
+        monkeypatch.setitem(ray_waits._watch, "stuck", "placement group 1a2b3c4d of job 01000000 has waited ...")
+        if stage_ends == "interrupted":
+            raise KeyboardInterrupt
+        if stage_ends == "aborted":
+            raise RuntimeError("Training run aborted")
+
+    monkeypatch.setattr(cli, "dispatch", dispatch)
+    assert cli.main(["prepare", "c.yaml"]) == 3
+    monkeypatch.setitem(ray_waits._watch, "stuck", None)
+    monkeypatch.setattr(cli, "dispatch", lambda args: None)
+    assert cli.main(["prepare", "c.yaml"]) == 0
