@@ -111,6 +111,9 @@ def start_ray(scaling=None, log_dir: Path | None = None, dashboard: bool = False
     recorded, live = recorded_cluster()
     if os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
+        if "://" not in address and address != "auto" and not answers(address):
+            raise UserError(f"RAY_ADDRESS: no Ray cluster answers at {address}; unset it to start a private "
+                            "cluster, or point it at a running one")
         ray.init(address=address, log_to_driver=True)
         line = f"[ray] joined the Ray cluster at {address} (RAY_ADDRESS)"
         private = False

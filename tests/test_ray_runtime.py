@@ -178,14 +178,19 @@ def test_beside_a_live_head_a_private_cluster_by_default_and_the_head_with_join(
         stop_ray()
 
 
-def test_join_without_a_live_cluster_is_a_one_line_error(ray_tmpdir, tmp_path):
+def test_join_without_a_live_cluster_is_a_one_line_error(ray_tmpdir, tmp_path, monkeypatch):
     import ray
+
+    dead = f"127.0.0.1:{unused_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    with pytest.raises(UserError, match=f"RAY_ADDRESS: no Ray cluster answers at {dead}"):
+        start_ray(ONE_WORKER, tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS")
 
     ray_runtime.options = ray_runtime.RayOptions(join=True)
     with pytest.raises(UserError, match=r"--join: no Ray cluster runs on this machine \(.*ray_current_cluster "
                                         r"does not exist\)"):
         start_ray(ONE_WORKER, tmp_path)
-    dead = f"127.0.0.1:{unused_port()}"
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(dead)
     with pytest.raises(UserError, match=f"names {dead}, where none answers"):
         start_ray(ONE_WORKER, tmp_path)
