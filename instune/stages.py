@@ -86,6 +86,10 @@ def write_corpus(config: ExperimentConfig) -> None:
     from instune.default.corpus import generate_corpus
 
     generate_corpus(c.dir, c.in_domain, c.out_of_domain, c.train_per_domain, c.eval_per_domain, c.seed)
+    if config.train.objective != "sft":  # right answers against plausible wrong ones: pairs/train.jsonl
+        from instune.default.pairs import write_preference_pairs
+
+        write_preference_pairs(c.dir, c.seed)
 
 
 def base_model(config: ExperimentConfig) -> tuple[str, str]:
@@ -331,6 +335,21 @@ def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
     return report
 
 
+def preference_before_after(config: ExperimentConfig, manifest: dict, model_path: str, outputs) -> list:
+    """For a preference objective with held-out pairs: their scores under the base and the tuned model, printed,
+    written to eval/preference.json and returned as report sections; [] otherwise."""
+    if config.train.objective == "sft" or not manifest["splits"].get("validation", {}).get("rows"):
+        return []
+    from instune.atomic import write_json
+    from instune.eval.preference_eval import before_after, report_sections, summary_line
+
+    validation = local_copy(config, output_paths(config)["data"], "manifest.json") / "validation"
+    scores = before_after(model_path, str(outputs.merged_dir or outputs.adapter_dir), validation, config.dpo.beta)
+    publish(config, write_json(output_paths(config)["eval"] / "preference.json", scores))
+    print(summary_line(scores), flush=True)
+    return report_sections(scores)
+
+
 def run_all(config: ExperimentConfig) -> dict:
     """prepare -> eval base -> train -> eval tuned -> before/after table."""
     from instune.eval.compare import per_set_rows, summary_rows
@@ -348,14 +367,15 @@ def run_all(config: ExperimentConfig) -> dict:
     from instune.atomic import write_text
     from instune.report.format import markdown_table
 
+    pair_sections = preference_before_after(config, manifest, model_path, outputs)
     table = ""
     if config.eval.sets:
         table = markdown_table(*per_set_rows(before, after)) + "\n\n" + markdown_table(*summary_rows(before, after))
         publish(config, write_text(output_paths(config)["eval"] / "before_after.md", table + "\n"))
     report = write_report_for(config, work_dir(config), f"{config.name}: run",
                               metrics_file=outputs.metrics_file, before=before, after=after,
-                              first_sections=marker_report_sections(config, after, without_marker)
-                              if config.eval.sets else None)
+                              first_sections=pair_sections + (marker_report_sections(config, after, without_marker)
+                                                              if config.eval.sets else []))
     print()
     print(table)
     print()

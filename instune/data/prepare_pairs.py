@@ -245,8 +245,6 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
                                                                   else "none"),
                     "seconds": round(time.time() - started, 1)}
         write_json(tmp / MANIFEST, manifest)
-    for name, c in manifest["sources"].items():
-        print(f"[prepare] {name}: pairs read {c['read']} kept {c['kept']} rejected {c['rejected']}", flush=True)
     return manifest
 
 
