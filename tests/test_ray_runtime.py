@@ -87,6 +87,7 @@ def what_a_worker_sees():
     return ray.get(Probe.remote().look_up.remote(), timeout=120)
 
 
+@pytest.mark.slow  # a private cluster with its dashboard, as a sweep starts it (~25 s): the state API needs it
 def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path, capsys, monkeypatch):
     import ray
 
