@@ -148,3 +148,19 @@ def test_one_and_two_workers_ddp_and_zero_take_the_same_steps_and_a_killed_run_r
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     state = json.loads((output / "checkpoints/step-00000004/trainer_state.json").read_text())
     assert state == {"step": 4, "micro_batches_done": 4, "world_size": 2}
+
+
+def test_the_dpo_section_and_objective_reach_the_loop_as_a_sweep_trial_sets_them():
+    from instune.config import validate_config
+    from instune.train.trainer import training_run
+
+    tree = {"name": "t", "output_dir": "/tmp/t", "data": {"sources": [{"name": "a", "path": "x"}]},
+            "train": {"objective": "ipo"}, "dpo": {"beta": 0.3, "label_smoothing": 0.2, "simpo_gamma": 1.5,
+                                                   "orpo_lambda": 0.4, "reference": "model",
+                                                   "reference_model_path": "/models/ref"}}
+    run = training_run(validate_config(tree), "/models/base", rows=100)
+    assert run.loop.objective == "ipo"
+    assert run.loop.preference == PreferenceSettings(beta=0.3, label_smoothing=0.2, simpo_gamma=1.5, orpo_lambda=0.4,
+                                                     reference="model", reference_model_path="/models/ref")
+    # Through the dict the Ray workers receive.
+    assert LoopSettings.from_dict(run.loop.to_dict()) == run.loop
