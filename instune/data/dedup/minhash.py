@@ -69,7 +69,9 @@ def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, se
         hashed += offsets[:, None]
         hashed >>= np.uint64(32)
         segment_starts = np.flatnonzero(np.r_[True, chunk_owner[1:] != chunk_owner[:-1]])
-        segment_min = np.minimum.reduceat(hashed.astype(np.uint32), segment_starts, axis=1).T
+        # The minimum is taken on the 64-bit values (already below 2^32) and only the small result is cast:
+        # casting the whole (num_perm, shingles) block first cost more than the reduction.
+        segment_min = np.minimum.reduceat(hashed, segment_starts, axis=1).astype(np.uint32).T
         rows = chunk_owner[segment_starts]
         signatures[rows] = np.minimum(signatures[rows], segment_min)
     return signatures
