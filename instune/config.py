@@ -683,6 +683,114 @@ class ExperimentConfig(Strict):
         return self
 
 
+# ---------------------------------------------------------------- vision-language experiments (issue 19)
+
+
+class VlmEmbeddedConfig(Strict):
+    """The embedded LLaVA-style model (instune/default/vlm.py) built when `model.path` is unset."""
+
+    image_size: int = Field(32, gt=0)
+    patch_size: int = Field(8, gt=0)
+    vision_hidden_size: int = Field(64, gt=0)
+    vision_layers: int = Field(2, gt=0)
+    vision_heads: int = Field(2, gt=0)
+    vocab_size: int = Field(512, ge=300)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _patches_tile_the_image(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        return self
+
+
+class VlmModelConfig(Strict):
+    # A LLaVA-style Hugging Face model directory (config with a vision_config, a processor); unset: embedded.
+    path: str | None = None
+    embedded: VlmEmbeddedConfig = VlmEmbeddedConfig()
+    # Tokens per training example, image tokens included; longer examples are dropped with their reason.
+    max_length: int = Field(128, gt=8)
+    # The vision tower is frozen by default (LLaVA's fine-tuning stage trains projector and LM only).
+    train_vision_tower: bool = False
+
+
+class ImageCorpusConfig(Strict):
+    """The embedded generator of image tasks (instune/default/image_tasks.py), written to `dir` first."""
+
+    dir: str
+    in_domain: list[str] = ["count", "colour", "position"]
+    out_of_domain: list[str] = ["digit", "colour_heldout"]
+    train_per_domain: int = Field(200, gt=0)
+    eval_per_domain: int = Field(30, gt=0)
+    seed: int = 0
+
+
+class MultimodalSourceConfig(Strict):
+    name: str
+    path: str | list[str]
+    domain: str = "default"
+    format: Literal["auto", "llava", "openai"] = "auto"
+
+
+class ImageLimitsConfig(Strict):
+    # Images with a side under min_side or over max_side, or a file over max_bytes, are rejected (stage "image").
+    min_side: int = Field(8, gt=0)
+    max_side: int = Field(4096, gt=0)
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+
+
+class VlmDataConfig(Strict):
+    # Training sources; with a corpus and none given, the corpus's train.json.
+    sources: list[MultimodalSourceConfig] = []
+    # Evaluation sets, one per domain (the record's own `domain` wins); with a corpus and none, its eval files.
+    eval_sources: list[MultimodalSourceConfig] = []
+    images: ImageLimitsConfig = ImageLimitsConfig()
+    dedup_exact: bool = True
+
+
+class VlmTrainConfig(Strict):
+    lr: float = Field(2e-3, gt=0)
+    max_steps: int = Field(100, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+
+
+class VlmEvalConfig(Strict):
+    # Domains counted in-domain / out-of-domain for the gap; unset: the corpus's lists.
+    in_domain: list[str] | None = None
+    out_of_domain: list[str] | None = None
+    # Images per domain in each retrieval pool (each is scored against every distinct caption of its pool).
+    retrieval_images: int = Field(20, gt=1)
+    max_new_tokens: int = Field(8, gt=0)
+
+
+class VlmExperimentConfig(Strict):
+    """`python -m instune.vlm_run CONFIG`: prepare image-text data, evaluate, train, evaluate again (vlm_run.py)."""
+
+    name: str = "vlm"
+    output_dir: str
+    model: VlmModelConfig = VlmModelConfig()
+    corpus: ImageCorpusConfig | None = None
+    data: VlmDataConfig = VlmDataConfig()
+    peft: PeftConfig = PeftConfig()
+    train: VlmTrainConfig = VlmTrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    eval: VlmEvalConfig = VlmEvalConfig()
+
+    @model_validator(mode="after")
+    def _has_data(self):
+        if self.corpus is None and not (self.data.sources and self.data.eval_sources):
+            raise ValueError("data.sources and data.eval_sources are needed when there is no corpus")
+        return self
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -745,16 +853,18 @@ def interpolate_output_dir(tree: Any, output_dir: str) -> Any:
     return tree
 
 
-def validate_config(tree: dict, source: str = "config") -> ExperimentConfig:
+def validate_config(tree: dict, source: str = "config", schema: type[BaseModel] | None = None) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(tree)
+        return (schema or ExperimentConfig).model_validate(tree)
     except ValidationError as e:
         problems = "; ".join(_describe(err) for err in e.errors())
         raise UserError(f"{source}: {problems}") from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML experiment file, apply `--set KEY=VALUE` overrides, validate. Raises UserError."""
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[BaseModel] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply `--set KEY=VALUE` overrides, validate (as ExperimentConfig, or
+    `schema`: VlmExperimentConfig). Raises UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
@@ -772,7 +882,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         _set_path(tree, key, value, str(path))
     if isinstance(tree.get("output_dir"), str):
         tree = interpolate_output_dir(tree, tree["output_dir"])
-    return validate_config(tree, str(path))
+    return validate_config(tree, str(path), schema)
 
 
 def load_chat_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
