@@ -73,7 +73,7 @@ def route_driver_logs(log_file: Path | None, verbose: bool) -> None:
             for handler in [h for h in logger.handlers if _is_console(h)]:
                 logger.removeHandler(handler)
                 _state["removed"].append((logger, handler))
-        if file_handler is not None:
+        if file_handler is not None and (name == "ray" or not logger.propagate):  # else "ray" writes it
             logger.addHandler(file_handler)
             _state["file_handlers"].append((logger, file_handler))
 
