@@ -159,7 +159,7 @@ def train(config: VlmExperimentConfig, model_dir: str, out: Path) -> Path:
     return merged
 
 
-METRICS = ("exact_match", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+METRICS = ("exact_match", "i2t_r1", "i2t_chance_r1", "i2t_r5", "t2i_r1", "t2i_r5")
 
 
 def results_table(results: dict) -> str:

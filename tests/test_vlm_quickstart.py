@@ -47,3 +47,17 @@ def test_vlm_quickstart_runs_prepare_train_eval(tmp_path):
     assert [m["step"] for m in metrics] == [2, 4]
     assert "gap (in - out)" in result.stdout and "colour_heldout" in result.stdout
     assert yaml.safe_load((out / "model/merged/config.json").read_text())["model_type"] == "llava"
+
+
+def test_results_table_shows_before_after_per_domain_and_the_gap():
+    from instune.vlm_run import results_table
+
+    row = {"exact_match": 0.5, "i2t_r1": 0.25, "i2t_chance_r1": 0.1, "i2t_r5": 0.75, "t2i_r1": 0.2, "t2i_r5": 0.6}
+    results = {"in_domain": ["count"], "out_of_domain": ["digit"],
+               "before": {"count": row, "digit": {**row, "exact_match": 0.0}},
+               "after": {"count": {**row, "exact_match": 1.0}, "digit": row},
+               "gap": {"before": {"exact_match": 0.5}, "after": {"exact_match": 0.5}}}
+    lines = results_table(results).splitlines()
+    assert lines[1].split()[:5] == ["count", "in", "0.50", "->", "1.00"]
+    assert lines[2].split()[:5] == ["digit", "out", "0.00", "->", "0.50"]
+    assert lines[3].startswith("gap (in - out)") and "0.50 -> 0.50" in lines[3] and lines[3].endswith("-")

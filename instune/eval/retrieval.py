@@ -90,7 +90,10 @@ def retrieval_by_domain(model, processor, pools: dict[str, RetrievalPool], batch
     results = {}
     for domain, pool in pools.items():
         scores, captions = score_matrix(model, processor, pool, batch_size)
-        results[domain] = {**recalls(scores, pool.captions, captions), "images": len(pool.images),
+        # Chance differs between pools (3 distinct captions make image->text recall@5 certain): report it, so
+        # a gap between domains can be told from a gap between their pools.
+        chance = {f"i2t_chance_r{k}": min(k, len(captions)) / len(captions) for k in RECALL_AT}
+        results[domain] = {**recalls(scores, pool.captions, captions), **chance, "images": len(pool.images),
                            "captions": len(captions)}
     return results
 

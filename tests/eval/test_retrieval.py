@@ -56,5 +56,7 @@ def test_scores_are_caption_log_likelihoods_given_the_image(tmp_path):
     expected = logprobs[torch.arange(prompt_len - 1, len(ids)), ids[prompt_len - 1:]].mean().item()
     assert scores[1, 0] == pytest.approx(expected, abs=1e-4)
     results = retrieval_by_domain(model, processor, {"colour": pool})
-    assert set(results["colour"]) == {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "images", "captions"}
+    assert set(results["colour"]) == {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "i2t_chance_r1", "i2t_chance_r5",
+                                      "images", "captions"}
+    assert (results["colour"]["i2t_chance_r1"], results["colour"]["i2t_chance_r5"]) == (0.5, 1.0)
     assert results["colour"]["i2t_r5"] == 1.0 and results["colour"]["images"] == 3  # 2 captions: top 5 has all
