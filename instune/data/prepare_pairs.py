@@ -232,6 +232,9 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
                 continue
             ds.filter(expr=f"_split == '{split}'").drop_columns(["_split"]).write_parquet(str(tmp / split))
             splits[split] = split_summary(local_columns(tmp / split, ["source", *LENGTH_COLUMNS]))
+        train_lengths = local_columns(tmp / "train", ["prompt_tokens", "chosen_tokens", "rejected_tokens"])
+        if train_lengths is not None:
+            write_length_figure(tmp / "report" / "pair_token_lengths.png", train_lengths)
         sources = source_counts(d.sources, local_columns(tmp / "work" / "read", ["source"]),
                                 reject_counts(Path(quarantine)))
         shutil.rmtree(tmp / "work", ignore_errors=True)
@@ -246,6 +249,23 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
                     "seconds": round(time.time() - started, 1)}
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def write_length_figure(path: Path, lengths: pa.Table) -> None:
+    """Histograms of the training pairs' prompt, chosen and rejected token counts, for the data report (which
+    shows every PNG under data/report/)."""
+    from instune.report.format import figure_png, pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+    for ax, name in zip(axes, ("prompt_tokens", "chosen_tokens", "rejected_tokens")):
+        values = lengths[name].to_numpy()
+        ax.hist(values, bins=min(40, max(5, len(set(values.tolist())))), color="#1f77b4")
+        ax.set(title=f"{name.split('_')[0]} (median {np.median(values):.0f})", xlabel="tokens")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training pairs")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(figure_png(fig))  # inside prepare's atomic directory: published whole, with the rest
 
 
 def local_columns(directory: Path, columns: list[str]) -> pa.Table | None:

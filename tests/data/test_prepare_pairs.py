@@ -70,6 +70,11 @@ def test_every_pair_read_is_kept_or_rejected_with_its_reason(prepared):
     assert splits["train"]["rows"] + splits["validation"]["rows"] == counts["kept"]
     assert splits["validation"]["rows"] > 0
     assert splits["train"]["lengths"]["chosen_tokens"]["min"] >= 2  # an answer and its end of turn
+    # The data report shows the length distributions of the prompt and both sides.
+    from instune.report.sections import data_sections
+
+    titles = [section.title for section in data_sections(data_dir)]
+    assert "data: pair token lengths" in titles and "data: sources" in titles
 
 
 def test_sides_are_padded_rows_with_response_only_labels(prepared):
