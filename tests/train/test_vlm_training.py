@@ -22,7 +22,7 @@ from instune.train.methods import MethodSettings
 from instune.train.multimodal_batches import collate_multimodal
 from instune.train.sessions import FileSession
 
-from .train_helpers import read_metrics
+from .train_helpers import read_metrics, run_many
 
 STEP = "checkpoints/step-{:08d}/trainable.safetensors"
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230)}
@@ -127,3 +127,24 @@ def test_the_vision_tower_trains_when_asked(vlm_rows, tmp_path):
     saved = load_file(str(tmp_path / "unfrozen" / STEP.format(1)))
     vision = [n for n in saved if "vision_tower" in n and n.endswith("q_proj.weight")]
     assert vision and not torch.equal(saved[vision[0]], base[vision[0]])
+
+
+def test_ddp_on_two_workers_with_image_and_text_only_rows(vlm_rows, tmp_path):
+    """Rows without images leave the projector without a gradient on a worker; DDP still steps (a mix with
+    text-only instruction data), with image rows and with text-only rows alone."""
+    model_dir, files = vlm_rows
+    processor = AutoProcessor.from_pretrained(model_dir)
+    records = [{"messages": [{"role": "user", "content": "What colour is it?"},
+                             {"role": "assistant", "content": name}], "images": []} for name in COLOURS] * 8
+    rows = tokenize_multimodal(records, processor, image_tokens(processor), max_length=64)
+    assert all(r["image_shape"][0] == 0 for r in rows)
+    table = pa.Table.from_pylist([{"id": str(i), "source": "t", "domain": "text", "metadata": "{}", **r}
+                                  for i, r in enumerate(rows)], schema=TOKENIZED_SCHEMA)
+    pq.write_table(table, tmp_path / "text.parquet")
+    base = dict(model_path=str(model_dir), total_steps=2, lr=1e-3, warmup_ratio=0, micro_batch_size=4, log_every=1)
+    runs = [{"settings": LoopSettings(**base, method=MethodSettings(method="lora", r=4)), "train": train,
+             "output": tmp_path / name} for name, train in (("images", files), ("text", [str(tmp_path / "text.parquet")]))]
+    run_many(runs, tmp_path, nproc=2)
+    for name in ("images", "text"):
+        losses = [m["loss"] for m in read_metrics(tmp_path / name)]
+        assert len(losses) == 2 and all(4.0 < loss < 8.0 for loss in losses)

@@ -32,7 +32,10 @@ class DDPEngine:
     def _wrap(self):
         if not self.distributed:
             return self.module
-        return torch.nn.parallel.DistributedDataParallel(self.module, find_unused_parameters=False)
+        # A vision-language model's batch may hold no image (text-only rows of a mix): its projector and vision
+        # tower then get no gradient on that worker, which DDP must be told to expect.
+        vision_language = getattr(getattr(self.module, "config", None), "vision_config", None) is not None
+        return torch.nn.parallel.DistributedDataParallel(self.module, find_unused_parameters=vision_language)
 
     def trainable_changed(self) -> None:
         """Re-wrap after the set of trainable parameters changed (LISA): DDP registers its gradient hooks
