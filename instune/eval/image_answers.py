@@ -11,9 +11,9 @@ from instune.eval.text_metrics import generation_scores
 
 
 def answer_scores(model, processor, examples: list[dict], max_new_tokens: int = 8, batch_size: int = 32
-                       ) -> dict[str, dict[str, float]]:
-    """{domain: {exact_match, rouge_l, bleu, chrf, examples}}; each example is {domain, messages (user turn with <image>, then the
-    reference answer), images: [PNG bytes]}."""
+                  ) -> dict[str, dict[str, float]]:
+    """{domain: {exact_match, rouge_l, bleu, chrf, examples}}; each example is {domain, messages (the user
+    turn with <image>, then the reference answer), images: [PNG bytes]}."""
     from PIL import Image
 
     tokenizer = processor.tokenizer

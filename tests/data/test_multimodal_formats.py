@@ -71,7 +71,8 @@ def test_openai_content_parts_and_parquet_image_bytes(tmp_path):
     assert results[0][0] == "kept"
     assert results[0][1]["messages"][0]["content"] == "Compare\n<image>\n<image>"
     assert len(results[0][1]["images"]) == 2
-    assert results[1][0] == "rejected" and "neither a text nor an image part; got type 'audio'" in results[1][1]["reason"]
+    assert results[1][0] == "rejected"
+    assert "neither a text nor an image part; got type 'audio'" in results[1][1]["reason"]
 
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -142,8 +142,9 @@ def test_ddp_on_two_workers_with_image_and_text_only_rows(vlm_rows, tmp_path):
                                   for i, r in enumerate(rows)], schema=TOKENIZED_SCHEMA)
     pq.write_table(table, tmp_path / "text.parquet")
     base = dict(model_path=str(model_dir), total_steps=2, lr=1e-3, warmup_ratio=0, micro_batch_size=4, log_every=1)
-    runs = [{"settings": LoopSettings(**base, method=MethodSettings(method="lora", r=4)), "train": train,
-             "output": tmp_path / name} for name, train in (("images", files), ("text", [str(tmp_path / "text.parquet")]))]
+    lora = MethodSettings(method="lora", r=4)
+    runs = [{"settings": LoopSettings(**base, method=lora), "train": train, "output": tmp_path / name}
+            for name, train in (("images", files), ("text", [str(tmp_path / "text.parquet")]))]
     run_many(runs, tmp_path, nproc=2)
     for name in ("images", "text"):
         losses = [m["loss"] for m in read_metrics(tmp_path / name)]
