@@ -198,14 +198,18 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
                     duplicates.add(pair_id)
                 else:
                     first_of[key] = pair_id
+        near = set()
+        if d.dedup.near is not None:
+            near = near_duplicates(read, duplicates, d.dedup.near, str(tmp / "work" / "near"), quarantine)
         seed, fraction = d.seed, d.validation_fraction
+        dropped = duplicates | near
 
         def dedup_and_split(batch: pa.Table) -> pa.Table:
             rows = batch.to_pylist()
             write_rejects([make_reject(r["source"], *r["id"].removeprefix(f"{r['source']}:").rsplit(":", 1),
                                        "dedup:exact", "exact duplicate of an earlier pair", r["chosen"])
                            for r in rows if r["id"] in duplicates], quarantine)
-            batch = batch.filter(pa.array([r["id"] not in duplicates for r in rows], pa.bool_()))
+            batch = batch.filter(pa.array([r["id"] not in dropped for r in rows], pa.bool_()))
             held_out = [in_validation(i, seed, fraction) for i in batch["id"].to_pylist()]
             return batch.append_column("_split", pa.array(["validation" if h else "train" for h in held_out]))
 
@@ -288,6 +292,34 @@ def split_summary(stats: pa.Table | None) -> dict:
             "response_cut": int(np.count_nonzero(stats["response_cut"].to_numpy(zero_copy_only=False)))}
 
 
+# Stages that reject pairs already in the read-and-filtered rows (the others rejected them before).
+AFTER_READ_STAGES = ("dedup:exact", "dedup:near", "tokenize")
+
+
+def as_records(batch: pa.Table, *, skip: set) -> pa.Table:
+    """Pairs as records whose text is the prompt and both answers, for the near-dedup of conversations."""
+    rows = [r for r in batch.to_pylist() if r["id"] not in skip]
+    messages = [r["prompt"] + [{"role": "assistant", "content": r["chosen"]},
+                               {"role": "assistant", "content": r["rejected"]}] for r in rows]
+    return pa.table({"id": [r["id"] for r in rows], "source": [r["source"] for r in rows],
+                     "messages": pa.array(messages, MESSAGES_TYPE)})
+
+
+def near_duplicates(read, exact: set, settings, work_dir: str, quarantine: str) -> set:
+    """Ids of pairs that near-duplicate an earlier kept pair (MinHash LSH over prompt and both answers, as
+    data.dedup.near does for conversations); their rejects go to `quarantine`."""
+    from instune.data.dedup.minhash import near_dedup
+    from instune.data.raydata import collect
+
+    records = read.map_batches(as_records, fn_kwargs={"skip": exact}, batch_format="pyarrow")
+    every = collect(records.select_columns(["id"]))
+    kept, _ = near_dedup(records, settings.threshold, settings.num_perm, settings.ngram, settings.seed,
+                         work_dir=work_dir, quarantine=quarantine)
+    kept_ids = collect(kept.select_columns(["id"]))
+    every = set(every["id"].to_pylist()) if every is not None else set()
+    return every - (set(kept_ids["id"].to_pylist()) if kept_ids is not None else set())
+
+
 def source_counts(sources, read_rows: pa.Table | None, rejects: dict[str, Counter]) -> dict:
     """Per source: pairs read, kept (in a split), rejected, and the reject reasons with their counts."""
     after_filters = Counter(read_rows["source"].to_pylist()) if read_rows is not None else Counter()
@@ -296,7 +328,7 @@ def source_counts(sources, read_rows: pa.Table | None, rejects: dict[str, Counte
         reasons = rejects.get(source.name, Counter())
         rejected = sum(reasons.values())
         read_count = after_filters[source.name] + sum(n for (stage, _), n in reasons.items()
-                                                      if stage not in ("dedup:exact", "tokenize"))
+                                                      if stage not in AFTER_READ_STAGES)
         out[source.name] = {"read": read_count, "kept": read_count - rejected, "rejected": rejected,
                             "rejects": [{"stage": stage, "reason": reason, "count": n}
                                         for (stage, reason), n in reasons.most_common()]}

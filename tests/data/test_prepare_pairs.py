@@ -37,6 +37,10 @@ def pair_file(path) -> str:
     rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})  # identical sides
     rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"})
     rows.append({"prompt": "Say it all.", "chosen": "ok", "rejected": "long " * 200})  # cannot fit: dropped
+    near = {"prompt": "Tell me about the old river that runs past the village and the mill", "chosen":
+            "The river is wide and slow and the mill still turns", "rejected": "I do not know"}
+    rows.append(near)
+    rows.append({**near, "prompt": near["prompt"].replace("Tell", "tell")})  # a near-duplicate: not exact
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -48,7 +52,8 @@ def prepared(local_ray, model_dir, tmp_path_factory):
         "name": "p", "output_dir": str(tmp / "out"),
         "model": {"path": model_dir, "max_length": SEQ_LEN},
         "data": {"sources": [{"name": "math", "path": pair_file(tmp / "pairs.jsonl")}], "truncation": "drop",
-                 "validation_fraction": 0.25, "filters": {"quality": None}},
+                 "validation_fraction": 0.25, "filters": {"quality": None},
+                 "dedup": {"near": {}}},
         "train": {"objective": "dpo"}, "dpo": {"batch_size": 3}})
     manifest = prepare_pairs(config, model_dir, tmp / "data", model_path=model_dir)
     return manifest, tmp / "data"
@@ -61,11 +66,12 @@ def rows_of(directory) -> list[dict]:
 def test_every_pair_read_is_kept_or_rejected_with_its_reason(prepared):
     manifest, data_dir = prepared
     counts = manifest["sources"]["math"]
-    assert (counts["read"], counts["kept"], counts["rejected"]) == (16, 13, 3)
+    assert (counts["read"], counts["kept"], counts["rejected"]) == (18, 14, 4)
     reasons = {(r["stage"], r["reason"].split(":")[0], r["count"]) for r in counts["rejects"]}
     assert reasons == {("normalise", "chosen is identical to rejected", 1),
                        ("dedup:exact", "exact duplicate of an earlier pair", 1),
-                       ("tokenize", "the rejected response has 603 tokens", 1)}, reasons
+                       ("tokenize", "the rejected response has 603 tokens", 1),
+                       ("dedup:near", "near-duplicate of math", 1)}, reasons
     splits = manifest["splits"]
     assert splits["train"]["rows"] + splits["validation"]["rows"] == counts["kept"]
     assert splits["validation"]["rows"] > 0
@@ -101,7 +107,7 @@ def test_precomputed_reference_logprobs_equal_a_direct_computation(prepared, mod
     _, data_dir = prepared
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = rows_of(data_dir / "train") + rows_of(data_dir / "validation")
-    assert len(rows) == 13
+    assert len(rows) == 14
     for row in rows:
         for side in ("chosen", "rejected"):
             expected = direct_logps(model, np.array(row[f"{side}_input_ids"]), np.array(row[f"{side}_labels"]))
