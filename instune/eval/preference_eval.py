@@ -63,16 +63,34 @@ def before_after(base_model: str, tuned_model: str, split_dir: str | Path, beta:
     return {"before": score_pairs(base_model, split_dir, beta), "after": score_pairs(tuned_model, split_dir, beta)}
 
 
+def accuracy_png(scores: dict) -> bytes:
+    """Bars of the held-out pairs' preference and reward accuracy, before and after tuning."""
+    from instune.report.format import figure_png, pyplot
+
+    plt = pyplot()
+    names = [k for k in ("preference_accuracy", "reward_accuracy") if k in scores["after"]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for offset, label, color in ((-0.2, "before", "#9e9e9e"), (0.2, "after", "#1f77b4")):
+        ax.bar([i + offset for i in range(len(names))], [scores[label].get(n, 0.0) for n in names], width=0.4,
+               label=label, color=color)
+    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
+    ax.set(ylim=(0, 1), ylabel="fraction of held-out pairs", title=f"{scores['after']['pairs']} held-out pairs")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return figure_png(fig)
+
+
 def report_sections(scores: dict) -> list:
-    """The report's table of held-out pair scores before and after tuning."""
-    from instune.report.document import Table
+    """The report's table and plot of held-out pair scores before and after tuning."""
+    from instune.report.document import Image, Table
 
     keys = [k for k in scores["after"] if k != "pairs"]
     rows = [[k, scores["before"].get(k), scores["after"][k]] for k in keys]
     return [Table(["held-out pairs", "before", "after"], rows, title="preference pairs: before and after",
                   caption=f"{scores['after']['pairs']} held-out pairs (data.validation_fraction). Preference "
                           "accuracy: the chosen response has the higher log-prob. Reward accuracy and margin: "
-                          "DPO's reward against the reference (0 before tuning, when the model is the reference).")]
+                          "DPO's reward against the reference (0 before tuning, when the model is the reference)."),
+            Image(accuracy_png(scores), title="preference pairs: accuracy before and after")]
 
 
 def summary_line(scores: dict) -> str:

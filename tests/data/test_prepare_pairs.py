@@ -130,3 +130,16 @@ def test_held_out_pairs_scored_by_the_reference_itself_have_zero_rewards(prepare
     assert scores["logp_margin"] == pytest.approx(expected, abs=1e-4)
     accuracy = np.mean([r["ref_chosen_logps"] > r["ref_rejected_logps"] for r in rows])
     assert scores["preference_accuracy"] == pytest.approx(accuracy)
+
+
+def test_the_before_after_report_sections_hold_a_table_and_a_plot():
+    from instune.eval.preference_eval import report_sections, summary_line
+
+    scores = {"before": {"pairs": 4, "preference_accuracy": 0.5, "logp_margin": 0.1, "reward_accuracy": 0.0,
+                         "reward_margin": 0.0},
+              "after": {"pairs": 4, "preference_accuracy": 0.75, "logp_margin": 0.4, "reward_accuracy": 0.75,
+                        "reward_margin": 0.3}}
+    table, image = report_sections(scores)
+    assert table.rows[0] == ["preference_accuracy", 0.5, 0.75] and len(table.rows) == 4
+    assert image.source[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "preference accuracy 0.500 -> 0.750" in summary_line(scores)
