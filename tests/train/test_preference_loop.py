@@ -110,8 +110,8 @@ def test_every_objective_trains_through_the_loop(model_dir, pair_files, tmp_path
 def test_one_and_two_workers_ddp_and_zero_take_the_same_steps_and_a_killed_run_resumes(model_dir, pair_files,
                                                                                           tmp_path):
     """All 16 pairs in one optimizer step: 1 worker x 16, 2 workers x 8 (DDP, and ZeRO-2), full fine-tuning;
-    then a 2-worker run killed at step 3 and run again reaches the uninterrupted run's weights. ~90 s: two
-    torchrun launches of two workers each."""
+    LoRA under ZeRO-3 and ZeRO-2 and DDP with the precomputed and the adapter-less reference; then a 2-worker run
+    killed at step 3 and run again to its end. Three torchrun launches of two workers: minutes on 2 busy cores."""
     # One SGD step at lr 1 without clipping: the weights move by exactly the gradient, which must not depend
     # on how the pairs are spread over workers.
     sgd = dict(total_steps=1, eval_every=None, method=MethodSettings(method="full"), optimizer="sgd", lr=1.0,
@@ -122,7 +122,22 @@ def test_one_and_two_workers_ddp_and_zero_take_the_same_steps_and_a_killed_run_r
     runs = [{"settings": settings(model_dir, **common), "train": pair_files["train"], "output": tmp_path / "ddp"},
             {"settings": settings(model_dir, **common, strategy="deepspeed", zero_stage=2),
              "train": pair_files["train"], "output": tmp_path / "zero"}]
+    # LoRA on 2 workers, three ways to the same reference: precompute under ZeRO-3, the adapter switched off
+    # under ZeRO-2 and under DDP. Same data, seeds and updates, so the same losses.
+    lora = dict(total_steps=3, micro_batch_size=8, eval_every=None)
+    disabled = PreferenceSettings(beta=0.5, reference="adapter_disabled")
+    runs += [{"settings": settings(model_dir, **lora, strategy="deepspeed", zero_stage=3),
+              "train": pair_files["train"], "output": tmp_path / "lora_zero3"},
+             {"settings": settings(model_dir, **lora, strategy="deepspeed", zero_stage=2, preference=disabled),
+              "train": pair_files["train"], "output": tmp_path / "lora_zero2_disabled"},
+             {"settings": settings(model_dir, **lora, preference=disabled),
+              "train": pair_files["train"], "output": tmp_path / "lora_ddp_disabled"}]
     run_many(runs, tmp_path, nproc=2)
+    lora_losses = [[m["loss"] for m in read_metrics(tmp_path / name)]
+                   for name in ("lora_zero3", "lora_zero2_disabled", "lora_ddp_disabled")]
+    assert lora_losses[0][0] == pytest.approx(math.log(2), abs=1e-5) and lora_losses[0][-1] < lora_losses[0][0]
+    assert lora_losses[1] == pytest.approx(lora_losses[0], abs=1e-5)
+    assert lora_losses[2] == pytest.approx(lora_losses[0], abs=1e-5)
     expected = load_file(one / STEP_1)
     assert read_metrics(one)[0]["grad_norm"] > 1e-2  # a step that moves the weights
     for name in ("ddp", "zero"):
