@@ -680,6 +680,16 @@ class ExperimentConfig(Strict):
                 and self.peft.method != "lora":
             raise ValueError(f"dpo.reference: adapter_disabled needs peft.method: lora (got {self.peft.method}); "
                              "use precompute or model")
+        if self.train.objective != "sft":
+            # The pair pipeline (data/prepare_pairs.py) has no mixing, scoring, markers or streaming: say so
+            # rather than ignore them.
+            d = self.data
+            unsupported = [name for name, on in (("data.stream", d.stream), ("data.score", d.score is not None),
+                                                 ("data.mix_size", d.mix_size is not None),
+                                                 ("data.outcome_markers", d.outcome_markers is not None)) if on]
+            if unsupported:
+                raise ValueError(f"{', '.join(unsupported)}: not available for preference pairs "
+                                 f"(train.objective {self.train.objective}); unset it")
         return self
 
 

@@ -116,3 +116,10 @@ def test_preference_settings_are_checked_at_load(tmp_path):
     assert "adapter_disabled needs peft.method: lora" in error
     assert load_config(path, ["train.objective=dpo", "dpo.reference=adapter_disabled"]).dpo.reference == \
         "adapter_disabled"
+
+
+def test_data_settings_the_pair_pipeline_lacks_are_refused_for_a_preference_objective(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    error = error_of(path, ["train.objective=orpo", "data.stream=true", "data.mix_size=100"])
+    assert "data.stream, data.mix_size: not available for preference pairs (train.objective orpo)" in error
+    assert load_config(path, ["data.stream=true", "train.max_steps=5"]).data.stream  # fine for sft
