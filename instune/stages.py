@@ -181,7 +181,8 @@ def train_stage(config: ExperimentConfig):
         raise UserError("train.max_steps: required with data.stream: true (streamed data has no row count "
                         "before training)")
     run = training_run(config, model_path, rows=0 if config.data.stream else manifest["splits"]["train"]["rows"])
-    check_training_plan(run.loop, packed=config.data.pack)
+    # Pairs are padded rows, never packed, whatever data.pack says.
+    check_training_plan(run.loop, packed=config.data.pack and config.train.objective == "sft")
     run.tracking.attachments.update(data_report_attachments(data_dir))
     start_ray(config.scaling, work_dir(config))
     if config.model.path is None:
