@@ -17,7 +17,7 @@ def test_vlm_quickstart_config_loads():
     from instune.errors import UserError
 
     config = load_config(ROOT / "configs/vlm_quickstart.yaml", ["output_dir=/tmp/x"], schema=VlmExperimentConfig)
-    assert config.corpus.dir == "/tmp/x/corpus" and config.peft.method == "lora"
+    assert config.corpus.dir == "/tmp/x/corpus" and config.peft.method == "full"
     assert not config.model.train_vision_tower
     with pytest.raises(UserError, match="model.embedded: .*image_size 30 is not a multiple of patch_size 8"):
         load_config(ROOT / "configs/vlm_quickstart.yaml", ["model.embedded.image_size=30"], schema=VlmExperimentConfig)
