@@ -322,6 +322,13 @@ def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
     model_path = check_eval_model(model_path, base_model(config)[0] if is_adapter_dir(model_path) else None,
                                   "--model")
     results = eval_stage(config, model_path, "eval")
+    pair_sections = []
+    data_dir = published(config, output_paths(config)["data"])
+    if config.train.objective != "sft" and storage.is_file(storage.join(data_dir, "manifest.json")):
+        from instune.data.manifest import load_manifest
+
+        pair_sections = preference_before_after(config, load_manifest(data_dir), base_model(config)[0],
+                                                None if is_adapter_dir(model_path) else model_path)
     base_file = published(config, output_paths(config)["eval"] / "base.json")
     before = [SetResult.from_dict(d) for d in json.loads(storage.read_text(base_file))] \
         if storage.is_file(base_file) else []
@@ -330,22 +337,24 @@ def eval_report_stage(config: ExperimentConfig, model_path: str | None) -> Path:
     report = write_report_for(config, output_paths(config)["eval"], f"{config.name}: eval of {model_path}",
                               data=False, before=before, after=results,
                               before_label="base" if results else "model", after_label="model",
-                              first_sections=marker_report_sections(config))
+                              first_sections=pair_sections + marker_report_sections(config))
     print(markdown_table(*per_set_rows(before, results)) + "\n\n" + markdown_table(*summary_rows(before, results)))
     print(f"report: {published(config, report)}")
     return report
 
 
-def preference_before_after(config: ExperimentConfig, manifest: dict, model_path: str, outputs) -> list:
-    """For a preference objective with held-out pairs: their scores under the base and the tuned model, printed,
-    written to eval/preference.json and returned as report sections; [] otherwise."""
-    if config.train.objective == "sft" or not manifest["splits"].get("validation", {}).get("rows"):
+def preference_before_after(config: ExperimentConfig, manifest: dict, model_path: str, tuned_path: str | None) -> list:
+    """For a preference objective with held-out pairs: their scores under the base and the tuned model (a
+    model directory; an adapter alone is not scored), printed, written to eval/preference.json and returned as
+    report sections; [] otherwise."""
+    if config.train.objective == "sft" or tuned_path is None \
+            or not manifest["splits"].get("validation", {}).get("rows"):
         return []
     from instune.atomic import write_json
     from instune.eval.preference_eval import before_after, report_sections, summary_line
 
     validation = local_copy(config, output_paths(config)["data"], "manifest.json") / "validation"
-    scores = before_after(model_path, str(outputs.merged_dir or outputs.adapter_dir), validation, config.dpo.beta)
+    scores = before_after(model_path, str(tuned_path), validation, config.dpo.beta)
     publish(config, write_json(output_paths(config)["eval"] / "preference.json", scores))
     print(summary_line(scores), flush=True)
     return report_sections(scores)
@@ -368,7 +377,7 @@ def run_all(config: ExperimentConfig) -> dict:
     from instune.atomic import write_text
     from instune.report.format import markdown_table
 
-    pair_sections = preference_before_after(config, manifest, model_path, outputs)
+    pair_sections = preference_before_after(config, manifest, model_path, outputs.merged_dir)
     table = ""
     if config.eval.sets:
         table = markdown_table(*per_set_rows(before, after)) + "\n\n" + markdown_table(*summary_rows(before, after))
