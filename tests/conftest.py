@@ -15,20 +15,36 @@ def _local_ray(**init_kwargs):
     import ray
     import ray.data
 
-    # address "local": our own cluster even when a `ray start` cluster (or another test run's) is on this machine.
-    ray.init(**{"address": "local", "num_cpus": 4, "include_dashboard": False, **init_kwargs})
+    from instune.ray_runtime import unused_port
+
+    # As instune's start_ray does (instune/ray_runtime.py): the cluster's address is chosen first and put in
+    # RAY_ADDRESS, which Ray's processes inherit, so what looks a cluster up without an address (Ray Train's
+    # placement-group cleaner, through the state API) finds this one and not another test run's on this machine.
+    port = unused_port()
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
+    try:
+        # address "local": our own cluster even when RAY_ADDRESS or a `ray start` cluster names another.
+        ray.init(**{"address": "local", "num_cpus": 4, "include_dashboard": False, **init_kwargs})
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)  # only the head reads it
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
     finally:
         ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
 def local_ray_cluster():
     """A function: ray.init keyword arguments (defaults: 4 logical CPUs, no dashboard) -> a context manager that
-    runs a private local Ray cluster and shuts it down. Module- and package-scoped fixtures use it, so a test
-    directory shares one cluster and the next directory starts its own:
+    runs a private local Ray cluster, with its address in RAY_ADDRESS, and shuts it down. Module- and
+    package-scoped fixtures use it, so a test directory shares one cluster and the next directory starts its own:
 
         @pytest.fixture(scope="module")
         def ray_cluster(local_ray_cluster):
