@@ -2,6 +2,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -20,6 +21,9 @@ def _turns(question, answer):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
+# ~30 s on 2 cores, most of it the tokenize task importing transformers and loading the processor: the one test
+# of the multimodal prepare through Ray Data (read tasks, exact dedup, tokenization, accounting).
+@pytest.mark.slow
 def test_prepare_accounts_for_every_record_and_bad_image(local_ray, tiny_vlm, tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "img").mkdir(parents=True)
