@@ -112,7 +112,8 @@ def _loop(wait_s: float, end_run: bool, stop: threading.Event) -> None:
         line = stuck_line(groups, pending_since, now, wait_s)
         if line is None:
             continue
-        _watch["stuck"] = line
+        if end_run:
+            _watch["stuck"] = line  # only a wait that ends the run: the CLI exits 3 for it
         print(f"instune: error: {line}" if end_run else f"[ray] warning: {line}", file=sys.stderr, flush=True)
         if end_run:
             _thread.interrupt_main()

@@ -73,3 +73,15 @@ def test_nothing_is_reported_while_groups_get_placed(two_cpu_cluster, monkeypatc
         assert ray_waits.stuck() is None and capsys.readouterr().err == ""
     finally:
         ray_waits.stop()
+
+
+def test_on_a_joined_cluster_the_wait_is_a_warning_and_the_run_goes_on(blocked, monkeypatch, capsys):
+    # Others' jobs may still free the resources: the run is not ended, and the CLI must not exit 3 for it.
+    holder, waiter = blocked
+    monkeypatch.setattr(ray_waits, "CHECK_EVERY_S", 0.2)
+    ray_waits.watch(1.0, end_run=False)
+    started = time.monotonic()
+    while "warning" not in (err := capsys.readouterr().err) and time.monotonic() - started < 30:
+        time.sleep(0.1)
+    assert err.startswith(f"[ray] warning: placement group {waiter.id.hex()[:8]} ")
+    assert ray_waits.stuck() is None
