@@ -44,6 +44,11 @@ def check_sweep(config: ExperimentConfig, tree: dict) -> None:
     if sweep is None:
         raise UserError("sweep: the config has no sweep section; add one (see configs/sweep_quickstart.yaml)")
     check_param_paths(tree, list(sweep.params))
+    # Trials mix and tokenize conversations (data/splits.py); preference pairs would reach the workers as
+    # rows without pairs and fail there, after preparing.
+    if config.train.objective != "sft" or "train.objective" in sweep.params:
+        raise UserError(f"train.objective: a sweep trains on conversations (sft) only, not preference pairs "
+                        f"({config.train.objective}); train a preference objective with `instune train`")
     kinds = {s.kind for s in config.eval.sets}
     if not kinds:
         raise UserError("eval.sets: a sweep scores trials on the eval sets; configure at least one")

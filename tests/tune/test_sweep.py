@@ -92,6 +92,13 @@ def test_sweep_checks_name_the_field_before_ray_starts(tmp_path):
     unknown = dict(tree, sweep={"mix": {"weights": {"tasks_alpaca": 1.0, "tasks_sharegpt": 1.0, "web": 1.0}}})
     with pytest.raises(UserError, match="sweep.mix: no source named web"):
         check_sweep(validated(unknown), validated(unknown).model_dump(mode="json"))
+    no_mix_size = {k: v for k, v in tree["data"].items() if k != "mix_size"}  # refused for pairs itself
+    dpo = dict(tree, data=no_mix_size, train=dict(tree.get("train", {}), objective="dpo"))
+    with pytest.raises(UserError, match="train.objective: a sweep trains on conversations"):
+        check_sweep(validated(dpo), validated(dpo).model_dump(mode="json"))
+    swept = dict(tree, sweep={"params": {"train.objective": {"choice": ["sft", "dpo"]}}})
+    with pytest.raises(UserError, match="train.objective: a sweep trains on conversations"):
+        check_sweep(validated(swept), validated(swept).model_dump(mode="json"))
 
 
 def test_a_sweep_directory_belongs_to_one_config(tmp_path):
