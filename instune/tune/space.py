@@ -18,7 +18,7 @@ MIX_PREFIX = "mix."
 # Settings a trial cannot change: they name the experiment, build the base model or shape the prepared
 # data, all of which a sweep makes once for every trial. Mix weights go through `sweep.mix`.
 FIXED_PATHS = ("name", "output_dir", "sweep", "model.path", "model.tokenizer_path", "model.embedded",
-               "data.corpus", "data.sources", "data.filters", "data.dedup", "data.max_record_bytes",
+               "model.chat_template", "data.corpus", "data.sources", "data.filters", "data.dedup", "data.max_record_bytes",
                "data.score", "eval.sets")
 
 

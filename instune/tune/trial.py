@@ -119,7 +119,11 @@ def trial_config(sampled: dict, plan: TrialPlan) -> tuple[ExperimentConfig, dict
         weights = mix_weights(sampled, plan.mix_names, plan.dirichlet_alpha)
     if plan.mix_by == "source":
         overrides.update(source_weight_overrides(plan.base_tree, weights))
-    config = validate_config(apply_overrides(plan.base_tree, overrides), "sweep trial config")
+    tree = apply_overrides(plan.base_tree, overrides)
+    # The trial's tokenizer (plan.tokenizer_path) already carries model.chat_template; the trial runs in its
+    # own directory (Tune's chdir), perhaps on another node, where a relative or local .jinja path is not there.
+    tree["model"]["chat_template"] = None
+    config = validate_config(tree, "sweep trial config")
     return config, weights, overrides
 
 

@@ -101,6 +101,30 @@ def test_sweep_checks_name_the_field_before_ray_starts(tmp_path):
         check_sweep(validated(swept), validated(swept).model_dump(mode="json"))
 
 
+def test_a_trial_validates_its_config_away_from_a_relative_chat_template(tmp_path, monkeypatch):
+    # Tune runs each trial in its own directory (RAY_CHDIR_TO_TRIAL_DIR), perhaps on another node; the
+    # template is already in the trial's tokenizer, so the trial does not look for the file again.
+    from instune.data.chat_template import read_template
+    from instune.tune.trial import TrialPlan, trial_config
+
+    (tmp_path / "mine.jinja").write_text(read_template("chatml"))
+    monkeypatch.chdir(tmp_path)
+    tree = experiment(tmp_path, tmp_path / "corpus", {"params": {"train.lr": {"choice": [1e-3]}}})
+    tree["model"] = {"chat_template": "mine.jinja"}
+    config = validated(tree)
+    check_sweep(config, config.model_dump(mode="json"))
+    swept = dict(tree, sweep={"params": {"model.chat_template": {"choice": ["chatml", "llama3"]}}})
+    with pytest.raises(UserError, match="sweep.params.model.chat_template: model.chat_template is fixed"):
+        check_sweep(validated(swept), validated(swept).model_dump(mode="json"))
+    plan = TrialPlan(base_tree=config.model_dump(mode="json"), sweep_dir=str(tmp_path), model_path="m",
+                     tokenizer_path="t", filtered_dir=str(tmp_path), kept={}, mix_by=None, mix_names=[],
+                     dirichlet_alpha=None, eval_data={}, set_kinds={}, objective="in_domain_loss",
+                     report_while_training=True)
+    monkeypatch.chdir(tmp_path.parent)  # as the trial's own directory is
+    trial, _, _ = trial_config({"train.lr": 2e-3}, plan)
+    assert trial.train.lr == 2e-3 and trial.model.chat_template is None
+
+
 def test_a_sweep_directory_belongs_to_one_config(tmp_path):
     (tmp_path / "sweep_config.yaml").write_text("name: a\n")
     check_same_sweep(tmp_path, "name: a\n")
