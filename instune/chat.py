@@ -70,6 +70,8 @@ def conversation_from(record, where: str, system: str | None) -> Conversation:
     if "instruction" in record:
         instruction = _text(record["instruction"], f"{where}: instruction")
         extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise UserError(f"{where}: input: expected text, got {json.dumps(extra)}"[:300])
         return Conversation(record, start, [f"{instruction}\n\n{extra}" if extra.strip() else instruction])
     raise UserError(f"{where}: no prompt, turns, instruction or messages field")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from instune.cli import main
+from instune.errors import UserError
 
 QUESTIONS = ["What is 2 + 3?", "Reverse the list [1, 2, 3].", "Convert 2 km to m."]
 
@@ -138,3 +139,11 @@ def test_interactive_chat_keeps_the_conversation_until_reset(embedded_model):
     # After /reset the same first question gets the same (greedy) answer as at the start.
     assert answers[2] == answers[0]
     assert next(typed) == "never read"
+
+
+def test_a_prompt_line_whose_input_is_not_text_is_a_one_line_error():
+    from instune.chat import conversation_from
+
+    assert conversation_from({"instruction": "Add.", "input": ""}, "p line 1", None).pending == ["Add."]
+    with pytest.raises(UserError, match=r"^p line 2: input: expected text, got \[1, 2\]$"):
+        conversation_from({"instruction": "Add.", "input": [1, 2]}, "p line 2", None)
