@@ -38,7 +38,7 @@ def choose_kernels(requested: str, device_type: str, liger_is_installed: bool) -
     if requested == "none":
         return KernelChoice(False)
     if requested == "liger":
-        # checks.check_kernels refused this before Ray started; a worker without CUDA is a cluster problem.
+        # checks.check_attention_and_kernels refused this before Ray started; a worker without CUDA is a cluster problem.
         assert device_type == "cuda" and liger_is_installed, "model.kernels: liger needs CUDA and liger-kernel"
         return KernelChoice(True)
     if device_type != "cuda":
