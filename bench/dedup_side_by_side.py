@@ -103,8 +103,10 @@ def precision(pairs: list[tuple[str, str]], text_of: dict[str, str], threshold: 
 
 def reason_pairs(rejects: list[dict], records: list[dict]) -> list[tuple[str, str]]:
     """(removed id, kept id) from our reject rows ("near-duplicate of ID (jaccard≈S)")."""
-    by_position = {(r["source"], r["id"].split(":", 2)[2]): r["id"] for r in records}
-    return [(by_position[(row["source"], row["record"])],
+    from instune.data.filters import record_location
+
+    by_location = {(r["source"], *record_location(r)): r["id"] for r in records}
+    return [(by_location[(row["source"], row["file"], row["record"])],
              row["reason"].removeprefix("near-duplicate of ").rpartition(" (jaccard")[0]) for row in rejects]
 
 
