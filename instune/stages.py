@@ -269,6 +269,9 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str, with_marke
 
     sets, markers = prompt_sets(config, with_marker)
     base_path = base_model(config)[0] if is_adapter_dir(model_path) else None
+    # The base model itself is asked with the tokenizer the data was rendered with (model.tokenizer_path,
+    # model.chat_template applied), as the tuned model, whose export carries that tokenizer, is.
+    tokenizer_path = base_eval_tokenizer(config, model_path)
     e = config.eval
     settings = eval_settings(config.model, e)
     marked = f", prompts with the success marker \"{markers.success}\"" if markers else ""
@@ -277,12 +280,23 @@ def eval_stage(config: ExperimentConfig, model_path: str, label: str, with_marke
     if any(Path(path).resolve().is_relative_to(work_dir(config).resolve()) for path in (model_path, base_path) if path):
         check_scratch_reachable(config, "the eval actors load the model")
     results, predictions = evaluate_with_ray(model_path, sets, settings, num_actors=e.num_actors,
-                                             use_gpu=config.scaling.use_gpu, base_model_path=base_path)
+                                             use_gpu=config.scaling.use_gpu, base_model_path=base_path,
+                                             tokenizer_path=tokenizer_path)
     eval_dir = output_paths(config)["eval"]
     publish(config, write_json(eval_dir / f"{label}.json", [r.to_dict() for r in results]))
     publish(config, write_text(eval_dir / f"{label}_predictions.jsonl",
                                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)))
     return results
+
+
+def base_eval_tokenizer(config: ExperimentConfig, model_path: str) -> str | None:
+    """The resolved base tokenizer when `model_path` is the base model and that tokenizer is not the model's own
+    (model.tokenizer_path, model.chat_template); None otherwise: a trained model carries its tokenizer."""
+    def same(a, b) -> bool:
+        return a == b or ("://" not in a and "://" not in b and Path(a).resolve() == Path(b).resolve())
+
+    model, tokenizer = (str(p) for p in base_model(config))
+    return tokenizer if same(str(model_path), model) and not same(tokenizer, model) else None
 
 
 def write_report_for(config: ExperimentConfig, out_dir: Path, title: str, *, data: bool = True,

@@ -138,13 +138,14 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], settings: Eval
 class EvalWorker:
     """Holds one model; called on a batch of `example_rows`, returns them with loss sums and answers."""
 
-    def __init__(self, model_path: str, base_model_path: str | None, settings: EvalSettings, use_gpu: bool = False):
+    def __init__(self, model_path: str, base_model_path: str | None, settings: EvalSettings, use_gpu: bool = False,
+                 tokenizer_path: str | None = None):
         from instune.eval.load import load_model_and_tokenizer
 
         self.settings = settings
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_model_and_tokenizer(model_path, base_model_path, self.settings.dtype,
-                                                              device)
+                                                              device, tokenizer_path)
 
     def __call__(self, batch: dict) -> dict:
         conversations = [json.loads(m) for m in batch["messages"]]
@@ -184,9 +185,10 @@ def score_sets(eval_sets: list[EvalSet], rows: list[dict]) -> tuple[list[SetResu
 
 
 def evaluate_in_process(model_path: str, eval_sets: list[EvalSet], settings: EvalSettings,
-                        base_model_path: str | None = None) -> tuple[list[SetResult], list[dict]]:
+                        base_model_path: str | None = None, tokenizer_path: str | None = None
+                        ) -> tuple[list[SetResult], list[dict]]:
     """The same evaluation without Ray, for tiny sets and tests: (results, predictions)."""
-    worker = EvalWorker(model_path, base_model_path, settings)
+    worker = EvalWorker(model_path, base_model_path, settings, tokenizer_path=tokenizer_path)
     rows = example_rows(eval_sets)
     out = []
     for start in range(0, len(rows), settings.batch_size):

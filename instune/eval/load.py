@@ -50,11 +50,14 @@ def check_eval_model(path: str, base_model_path: str | None, field: str = "--mod
     return path if is_remote(path) else str(checked)
 
 
-def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype: str, device: str):
+def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype: str, device: str,
+                             tokenizer_path: str | None = None):
     """(model in eval mode on `device`, tokenizer); an adapter directory loads base + adapter with PEFT.
 
-    The tokenizer comes from the adapter directory when it holds one (training saves it there), else from
-    the base. A tokenizer without a pad token pads with EOS: padding is masked out everywhere we use it.
+    The tokenizer comes from `tokenizer_path` when given (the base model's, as base_model resolves it: with
+    model.tokenizer_path or model.chat_template applied), else from the adapter directory when it holds one
+    (training saves it there), else from the base. A tokenizer without a pad token pads with EOS: padding is
+    masked out everywhere we use it.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,6 +75,8 @@ def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -7,7 +7,7 @@ from instune.progress import Progress
 
 
 def evaluate_with_ray(model_path: str, eval_sets: list[EvalSet], settings: EvalSettings, *, num_actors: int,
-                      use_gpu: bool, base_model_path: str | None = None,
+                      use_gpu: bool, base_model_path: str | None = None, tokenizer_path: str | None = None,
                       cpus_per_actor: float = 1) -> tuple[list[SetResult], list[dict]]:
     """(one SetResult per set, per-example predictions), with `num_actors` model copies (a GPU each if asked).
 
@@ -21,7 +21,7 @@ def evaluate_with_ray(model_path: str, eval_sets: list[EvalSet], settings: EvalS
     answered = ray.data.from_items(rows).map_batches(
         EvalWorker,
         fn_constructor_kwargs={"model_path": model_path, "base_model_path": base_model_path,
-                               "settings": settings, "use_gpu": use_gpu},
+                               "settings": settings, "use_gpu": use_gpu, "tokenizer_path": tokenizer_path},
         batch_size=settings.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,41 @@ def test_every_eval_setting_reaches_eval_settings_or_is_listed_as_used_elsewhere
                                         seed=3))
     assert settings == EvalSettings(max_length=99, max_new_tokens=7, batch_size=5, dtype="bfloat16", do_sample=True,
                                     temperature=0.5, top_p=0.9, seed=3)
+
+
+def test_the_base_model_is_evaluated_with_the_tokenizer_its_data_was_rendered_with(tiny_model_dir, tiny_eval_sets,
+                                                                                  tmp_path):
+    """A base model whose tokenizer has no chat template (or another one), given model.chat_template: the eval
+    actors take the resolved tokenizer (base_model's), as the tuned model's export carries it."""
+    import json
+    import shutil
+
+    from instune import stages
+    from instune.config import validate_config
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (base / name).unlink(missing_ok=True)
+    config_file = base / "tokenizer_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "chat_template"}))
+    config = validate_config({"name": "t", "output_dir": str(tmp_path / "out"),
+                              "model": {"path": str(base), "chat_template": "chatml"},
+                              "data": {"sources": [{"name": "s", "path": "x.jsonl"}]}})
+    tokenizer_dir = stages.base_eval_tokenizer(config, str(base))
+    assert tokenizer_dir == str(tmp_path / "out" / "tokenizer")
+    assert stages.base_eval_tokenizer(config, str(tiny_model_dir)) is None  # another (trained) model: its own
+
+    sets = tiny_eval_sets[:1]
+    with pytest.raises(ValueError, match="chat template"):
+        evaluate_in_process(str(base), sets, SETTINGS)
+    # The same weights with the templated tokenizer saved beside them: the same results.
+    templated = tmp_path / "templated"
+    shutil.copytree(base, templated)
+    for path in Path(tokenizer_dir).iterdir():
+        shutil.copy(path, templated / path.name)
+    expected, _ = evaluate_in_process(str(templated), sets, SETTINGS)
+    results, _ = evaluate_in_process(str(base), sets, SETTINGS, tokenizer_path=tokenizer_dir)
+    assert math.isfinite(expected[0].loss)
+    assert [r.to_dict() for r in results] == [r.to_dict() for r in expected]
