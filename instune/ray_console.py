@@ -5,7 +5,7 @@ execution plan per dataset, Tune's and Train's status), and every line its worke
 driver (Train's "Reporting training result", the placement-group cleaner's retries). Both go to
 `<output dir>/logs/ray.log` instead. instune's own progress lines ("[train] step ...") that run inside Ray
 workers (the Train controller, a sweep's trials) still reach the console: a forwarded line starting with
-"[stage] " is printed as it is. `-v` keeps Ray's console output as well.
+"[stage] " or "instune: " is printed as it is. `-v` keeps Ray's console output as well.
 
 Ray's traceback-looking lines that are not failures land in the file too: "Failed to stop
 PlacementGroupCleaner gracefully" with a GetTimeoutError, and "Monitor thread did not exit". Ray Train logs
@@ -32,8 +32,9 @@ from pathlib import Path
 
 # The driver-side loggers Ray configures with console handlers (ray.data sets its own, not propagating).
 RAY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train")
-# instune's progress lines printed inside Ray workers: "[train] step 10/300 ...", "[sweep] trial ...".
-INSTUNE_LINE = re.compile(r"^\[[a-z]+\] ")
+# instune's lines printed inside Ray workers: progress ("[train] step 10/300 ...", "[sweep] trial ...") and
+# notes ("instune: model.kernels: auto uses PyTorch's kernels ...", from the training loop's rank 0).
+INSTUNE_LINE = re.compile(r"^(\[[a-z]+\] |instune: )")
 LOG_NAME = "logs/ray.log"
 
 _handler_name = "instune_ray_output"

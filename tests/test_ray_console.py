@@ -49,3 +49,13 @@ def test_prepare_prints_instune_lines_and_leaves_ray_output_in_the_log_file(tmp_
     # Ray's own lines (its start, Ray Data's execution plans) are in the log file.
     log = (tmp_path / "out" / "logs" / "ray.log").read_text()
     assert "Started a local Ray instance" in log and "Execution plan of Dataset" in log
+
+
+def test_instune_lines_printed_in_workers_reach_the_console_and_rays_do_not():
+    from instune.ray_console import INSTUNE_LINE
+
+    shown = ["[train] step 10/300 loss 2.1", "[sweep] trial 3 done",
+             "instune: model.kernels: auto uses PyTorch's kernels and the chunked loss on cpu"]
+    hidden = ["Reporting training result 1", "2026-12-07 INFO worker.py:1 -- Started", "[Ray] note",
+              "instune-resource-waits started", "Failed to stop PlacementGroupCleaner gracefully"]
+    assert [line for line in shown + hidden if INSTUNE_LINE.match(line)] == shown
