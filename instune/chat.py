@@ -166,9 +166,14 @@ def chat_command(model_source: str, model_config, chat_config, prompts: str | No
                             temperature=c.temperature, top_p=c.top_p, seed=c.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(model_source, base, settings.dtype, device)
+    if model_config.chat_template:  # as training rendered its data (base_model.resolve_base_model)
+        from instune.data.chat_template import read_template
+
+        tokenizer.chat_template = read_template(model_config.chat_template)
     if not tokenizer.chat_template:
         raise UserError(f"MODEL: the tokenizer of {model_source} has no chat template; give the adapter or merged "
-                        "model that training wrote (it carries the template the data was rendered with)")
+                        "model that training wrote (it carries the template the data was rendered with), or set "
+                        "model.chat_template")
     if conversations is None:
         interact(model, tokenizer, settings, c.system)
         return

@@ -122,6 +122,11 @@ def test_bad_prompt_lines_and_settings_are_one_line_errors(embedded_model, tmp_p
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}])
     assert main(["chat", str(untemplated), "--prompts", str(prompts)]) == 2
     assert f"instune: error: MODEL: the tokenizer of {untemplated} has no chat template" in capsys.readouterr().err
+    # model.chat_template (--set, or the config's) gives it one, as it did the training data.
+    answered = tmp_path / "answered.jsonl"
+    assert main(["chat", str(untemplated), "--prompts", str(prompts), "--output", str(answered),
+                 "--set", "model.chat_template=chatml", "--set", "chat.max_new_tokens=2"]) == 0
+    assert len(json.loads(answered.read_text())["responses"]) == 1
 
 
 def test_interactive_chat_keeps_the_conversation_until_reset(embedded_model):
