@@ -17,7 +17,8 @@ def write_data_dir(root):
     data = root / "data"
     (data / "report").mkdir(parents=True)
     (data / "manifest.json").write_text(json.dumps({
-        "sources": {"alpaca": {"read": 10, "kept": 8, "rejected": 2, "rejects": [{"reason": "x"}]},
+        "sources": {"alpaca": {"read": 10, "kept": 8, "rejected": 2, "rejects": [{"reason": "x"}],
+                               "dropped_at_tokenization": 1},
                     "sharegpt": {"read": 5, "kept": 5, "rejected": 0, "rejects": []}},
         "splits": {"train": {"examples": 13, "rows": 4}},
         "mixture": {"weights": {"alpaca": 0.5, "sharegpt": 0.5}}}))
@@ -31,8 +32,9 @@ def write_data_dir(root):
 def test_data_sections_read_the_manifest_and_every_png(tmp_path):
     sections = data_sections(write_data_dir(tmp_path))
     sources, splits, mixture, *images = sections
-    assert sources.columns == ["source", "read", "kept", "rejected"]  # nested "rejects" left out
-    assert sources.rows == [["alpaca", 10, 8, 2], ["sharegpt", 5, 5, 0]]
+    # Nested "rejects" left out; a record dropped at tokenization counts as rejected, not kept.
+    assert sources.columns == ["source", "read", "kept", "rejected", "of which at tokenization", "kept %"]
+    assert sources.rows == [["alpaca", 10, 7, 3, 1, 70.0], ["sharegpt", 5, 5, 0, 0, 100.0]]
     assert splits.rows == [["train", 13, 4]] and mixture.rows == [["alpaca", 0.5], ["sharegpt", 0.5]]
     assert [i.title for i in images] == ["data: a sources", "data: lengths"]
     assert data_sections(tmp_path / "nothing_here") == []
