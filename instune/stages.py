@@ -368,7 +368,7 @@ def preference_before_after(config: ExperimentConfig, manifest: dict, model_path
     from instune.eval.preference_eval import before_after, report_sections, summary_line
 
     validation = local_copy(config, output_paths(config)["data"], "manifest.json") / "validation"
-    scores = before_after(model_path, str(tuned_path), validation, config.dpo.beta)
+    scores = before_after(model_path, str(tuned_path), validation, config.dpo.beta, config.model.dtype)
     publish(config, write_json(output_paths(config)["eval"] / "preference.json", scores))
     print(summary_line(scores), flush=True)
     return report_sections(scores)

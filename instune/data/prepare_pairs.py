@@ -226,7 +226,7 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
                   flush=True)
             ds = add_reference_logprobs(ds, model_path=c.reference_model_path or model_path, pad_id=pad_id,
                                         batch_size=c.batch_size, max_batch_tokens=c.max_batch_tokens,
-                                        num_actors=c.num_actors, num_gpus=num_gpus)
+                                        num_actors=c.num_actors, num_gpus=num_gpus, dtype=config.model.dtype)
         ds = persist(ds.map_batches(pad_rows, batch_format="pyarrow",
                                     fn_kwargs={"width": config.model.max_length, "pad_id": pad_id}),
                      tmp / "work" / "tokenized")

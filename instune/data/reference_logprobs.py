@@ -65,14 +65,18 @@ class ReferenceLogprobs:
     """Ray Data actor: holds the reference model; adds ref_chosen_logps and ref_rejected_logps to each batch of
     tokenized pairs (columns chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels)."""
 
-    def __init__(self, model_path: str, pad_id: int, batch_size: int, max_batch_tokens: int):
+    def __init__(self, model_path: str, pad_id: int, batch_size: int, max_batch_tokens: int,
+                 dtype: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
         from instune.model_source import local_model_dir
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_path)).to(self.device).eval()
+        # model.dtype, as the loop's policy computes in it (unset: the checkpoint's own dtype, transformers'
+        # "auto", which need not be the run's).
+        self.model = AutoModelForCausalLM.from_pretrained(
+            local_model_dir(model_path), dtype=getattr(torch, dtype) if dtype else "auto").to(self.device).eval()
         self.pad_id, self.batch_size, self.max_batch_tokens = pad_id, batch_size, max_batch_tokens
 
     def logps(self, sequences: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -96,10 +100,10 @@ class ReferenceLogprobs:
 
 
 def add_reference_logprobs(ds, *, model_path: str, pad_id: int, batch_size: int, max_batch_tokens: int,
-                           num_actors: int, num_gpus: float):
+                           num_actors: int, num_gpus: float, dtype: str | None = None):
     """`ds` (tokenized pairs) with the reference's summed response log-probs of both sides as columns."""
     return ds.map_batches(
         ReferenceLogprobs,
         fn_constructor_kwargs={"model_path": model_path, "pad_id": pad_id, "batch_size": batch_size,
-                               "max_batch_tokens": max_batch_tokens},
+                               "max_batch_tokens": max_batch_tokens, "dtype": dtype},
         batch_size=max(batch_size * 8, 64), batch_format="pyarrow", concurrency=num_actors, num_gpus=num_gpus)

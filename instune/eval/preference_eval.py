@@ -39,12 +39,13 @@ def read_pairs_split(split_dir: str | Path) -> dict[str, np.ndarray | list]:
 
 
 def score_pairs(model_path: str, split_dir: str | Path, beta: float, batch_size: int = 16,
-                max_batch_tokens: int = 16384) -> dict:
+                max_batch_tokens: int = 16384, dtype: str | None = None) -> dict:
     """{"pairs", "preference_accuracy", "logp_margin"[, "reward_accuracy", "reward_margin"]} of a model on a
     prepared split of pairs."""
     pairs = read_pairs_split(split_dir)
     # The actor class works as a plain object too: it holds the model and batches sequences by length.
-    scorer = ReferenceLogprobs(model_path, pad_id=0, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    scorer = ReferenceLogprobs(model_path, pad_id=0, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                               dtype=dtype)
     n = len(pairs["chosen"])
     logps = scorer.logps(pairs["chosen"] + pairs["rejected"])
     chosen, rejected = logps[:n], logps[n:]
@@ -58,9 +59,12 @@ def score_pairs(model_path: str, split_dir: str | Path, beta: float, batch_size:
     return result
 
 
-def before_after(base_model: str, tuned_model: str, split_dir: str | Path, beta: float) -> dict:
-    """{"before": score_pairs of the base, "after": of the tuned model} on the same held-out pairs."""
-    return {"before": score_pairs(base_model, split_dir, beta), "after": score_pairs(tuned_model, split_dir, beta)}
+def before_after(base_model: str, tuned_model: str, split_dir: str | Path, beta: float,
+                 dtype: str | None = None) -> dict:
+    """{"before": score_pairs of the base, "after": of the tuned model} on the same held-out pairs, both in
+    `dtype` (model.dtype, as the reference log-probs were computed)."""
+    return {"before": score_pairs(base_model, split_dir, beta, dtype=dtype),
+            "after": score_pairs(tuned_model, split_dir, beta, dtype=dtype)}
 
 
 def accuracy_png(scores: dict) -> bytes:

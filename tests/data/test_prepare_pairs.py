@@ -143,3 +143,14 @@ def test_the_before_after_report_sections_hold_a_table_and_a_plot():
     assert table.rows[0] == ["preference_accuracy", 0.5, 0.75] and len(table.rows) == 4
     assert image.source[:8] == b"\x89PNG\r\n\x1a\n"
     assert "preference accuracy 0.500 -> 0.750" in summary_line(scores)
+
+
+def test_the_reference_is_loaded_in_model_dtype_not_the_checkpoints(model_dir):
+    # The loop's policy computes in model.dtype; the precomputed reference must too, whatever dtype the
+    # checkpoint was saved in (transformers' default "auto" would take the checkpoint's).
+    import torch
+
+    from instune.data.reference_logprobs import ReferenceLogprobs
+
+    assert ReferenceLogprobs(model_dir, 0, 4, 1024).model.dtype == torch.float32  # saved in float32
+    assert ReferenceLogprobs(model_dir, 0, 4, 1024, dtype="bfloat16").model.dtype == torch.bfloat16
