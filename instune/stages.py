@@ -180,6 +180,7 @@ def train_stage(config: ExperimentConfig):
     if config.data.stream and config.train.max_steps is None:
         raise UserError("train.max_steps: required with data.stream: true (streamed data has no row count "
                         "before training)")
+    check_prepared_for_objective(config, manifest, data_dir)
     run = training_run(config, model_path, rows=0 if config.data.stream else manifest["splits"]["train"]["rows"])
     # Pairs are padded rows, never packed, whatever data.pack says.
     check_training_plan(run.loop, packed=config.data.pack and config.train.objective == "sft")
@@ -208,6 +209,22 @@ def train_stage(config: ExperimentConfig):
         if exported is not None:
             publish(config, exported)
     return outputs
+
+
+def check_prepared_for_objective(config: ExperimentConfig, manifest: dict, data_dir) -> None:
+    """UserError, before Ray starts, when the prepared data cannot train train.objective: conversations for a
+    preference objective or pairs for sft (the workers would fail on missing columns), or pairs without
+    reference log-probs for dpo.reference: precompute."""
+    from instune.train.preference_loss import uses_reference
+
+    objective, pairs = config.train.objective, manifest.get("kind") == "preference"
+    again = "run `instune prepare` again with this config"
+    if pairs != (objective != "sft"):
+        held = f"preference pairs (prepared for {manifest.get('objective')})" if pairs else "conversations"
+        raise UserError(f"train.objective: {objective}, but {data_dir} holds {held}; {again}")
+    if uses_reference(objective) and config.dpo.reference == "precompute" and manifest.get("reference") != "precompute":
+        raise UserError(f"dpo.reference: precompute, but the pairs in {data_dir} have no reference log-probs "
+                        f"(prepared with reference {manifest.get('reference')}); {again}")
 
 
 def load_eval_sets(config: ExperimentConfig):

@@ -154,3 +154,26 @@ def test_the_reference_is_loaded_in_model_dtype_not_the_checkpoints(model_dir):
 
     assert ReferenceLogprobs(model_dir, 0, 4, 1024).model.dtype == torch.float32  # saved in float32
     assert ReferenceLogprobs(model_dir, 0, 4, 1024, dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_training_refuses_data_prepared_for_another_objective_in_one_line(prepared, model_dir):
+    from instune.errors import UserError
+    from instune.stages import check_prepared_for_objective
+
+    manifest, data_dir = prepared
+
+    def config(**train_and_dpo):
+        return validate_config({"name": "p", "output_dir": "/tmp/p", "model": {"path": model_dir},
+                                "data": {"sources": [{"name": "math", "path": "x.jsonl"}]}, **train_and_dpo})
+
+    check_prepared_for_objective(config(train={"objective": "dpo"}), manifest, data_dir)
+    check_prepared_for_objective(config(train={"objective": "simpo"}), manifest, data_dir)
+    with pytest.raises(UserError, match=r"^train.objective: sft, but .* holds preference pairs \(prepared for dpo\)"):
+        check_prepared_for_objective(config(), manifest, data_dir)
+    with pytest.raises(UserError, match=r"^train.objective: dpo, but .* holds conversations"):
+        check_prepared_for_objective(config(train={"objective": "dpo"}), {"splits": {}}, data_dir)
+    without_reference = dict(manifest, reference="adapter_disabled")
+    check_prepared_for_objective(config(train={"objective": "dpo"}, dpo={"reference": "adapter_disabled"}),
+                                 without_reference, data_dir)
+    with pytest.raises(UserError, match=r"^dpo.reference: precompute, but the pairs in .* have no reference"):
+        check_prepared_for_objective(config(train={"objective": "ipo"}), without_reference, data_dir)
