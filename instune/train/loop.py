@@ -228,7 +228,7 @@ def reduced_pair_metrics(pair_sums: dict, device) -> dict:
     return {k: v / max(totals[-1], 1) for k, v in zip(METRIC_NAMES, totals[:-1])}
 
 
-def build_model(settings: LoopSettings, device, use_liger: bool = False):
+def build_model(settings: LoopSettings, device, use_liger: bool = False, say_notes: bool = True):
     """The base model with the method applied, on `device`; identical on every worker (same seed)."""
     from instune.model_source import local_model_dir
     from instune.train.vision import freeze_vision_tower, is_vision_language, model_class
@@ -246,7 +246,7 @@ def build_model(settings: LoopSettings, device, use_liger: bool = False):
     model.config.use_cache = False
     if use_liger:
         note = apply_liger_blocks(model)  # before PEFT wraps the linear layers the fused MLP calls
-        if note:
+        if note and say_notes:  # one worker says it, as for the kernels' fallback note
             print(f"instune: {note}", file=sys.stderr, flush=True)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -350,7 +350,7 @@ def run_training(settings: LoopSettings, session) -> None:
     kernels = choose_kernels(settings.kernels, device.type, liger_installed())
     if kernels.fallback_note and rank == 0:
         print(f"instune: {kernels.fallback_note}", file=sys.stderr, flush=True)
-    model = build_model(settings, device, use_liger=kernels.use_liger)
+    model = build_model(settings, device, use_liger=kernels.use_liger, say_notes=rank == 0)
     trainable, total = count_parameters(model)  # before ZeRO-3 partitions the parameters
     engine = make_engine(model, settings)
     if settings.method.method == "lisa":
