@@ -28,6 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from instune.errors import UserError
 
 
+
+# train.objective values that compare the policy with a frozen reference (simpo and orpo need none). Here, not in
+# train/preference_loss.py, because the data stage (which precomputes the reference) reads it too.
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "cdpo")
+
+
+def uses_reference(objective: str) -> bool:
+    return objective in REFERENCE_OBJECTIVES
+
+
 class Strict(BaseModel):
     """Unknown keys are errors: a typo must not silently fall back to a default."""
 
@@ -676,7 +686,7 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _preference_settings_fit(self):
-        if self.train.objective in ("dpo", "ipo", "cdpo") and self.dpo.reference == "adapter_disabled" \
+        if uses_reference(self.train.objective) and self.dpo.reference == "adapter_disabled" \
                 and self.peft.method != "lora":
             raise ValueError(f"dpo.reference: adapter_disabled needs peft.method: lora (got {self.peft.method}); "
                              "use precompute or model")

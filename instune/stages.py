@@ -215,7 +215,7 @@ def check_prepared_for_objective(config: ExperimentConfig, manifest: dict, data_
     """UserError, before Ray starts, when the prepared data cannot train train.objective: conversations for a
     preference objective or pairs for sft (the workers would fail on missing columns), or pairs without
     reference log-probs for dpo.reference: precompute."""
-    from instune.train.preference_loss import uses_reference
+    from instune.config import uses_reference
 
     objective, pairs = config.train.objective, manifest.get("kind") == "preference"
     again = "run `instune prepare` again with this config"

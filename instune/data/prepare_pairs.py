@@ -168,7 +168,7 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
 
     from instune.data.raydata import collect, persist
     from instune.data.read import expand_paths
-    from instune.train.preference_loss import uses_reference
+    from instune.config import uses_reference
 
     d, objective = config.data, config.train.objective
     started = time.time()

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from instune.config import REFERENCE_OBJECTIVES, uses_reference  # noqa: F401  (the loop takes them from here)
 from instune.data.reference_logprobs import response_logps  # noqa: F401  (the loop takes it from here)
 
 OBJECTIVES = ("sft", "dpo", "ipo", "cdpo", "simpo", "orpo")
 PREFERENCE_OBJECTIVES = OBJECTIVES[1:]
-# The losses that compare the policy with a frozen reference; simpo and orpo need none.
-REFERENCE_OBJECTIVES = ("dpo", "ipo", "cdpo")
 
 
 @dataclass
@@ -57,10 +56,6 @@ class PairLosses:
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-
-
-def uses_reference(objective: str) -> bool:
-    return objective in REFERENCE_OBJECTIVES
 
 
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
