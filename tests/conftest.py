@@ -40,6 +40,20 @@ def _local_ray(**init_kwargs):
                 os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def _no_ray_address_leaks():
+    """A test that ran a command in this process without a cluster fixture leaves the private cluster start_ray
+    made, with its address exported in RAY_ADDRESS; end it here, so no later test inherits (or has its
+    subprocesses join) a cluster that the next fixture's shutdown makes a dead address."""
+    before = os.environ.get("RAY_ADDRESS")
+    yield
+    if os.environ.get("RAY_ADDRESS") != before:
+        from instune.ray_runtime import stop_ray
+
+        stop_ray()
+        assert os.environ.get("RAY_ADDRESS") == before, "stop_ray did not restore RAY_ADDRESS"
+
+
 @pytest.fixture(scope="session")
 def local_ray_cluster():
     """A function: ray.init keyword arguments (defaults: 4 logical CPUs, no dashboard) -> a context manager that

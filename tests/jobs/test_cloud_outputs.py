@@ -28,9 +28,12 @@ def bucket_steps(uri: str) -> list[int]:
 
 @pytest.fixture
 def ray_after_test():
-    """The stages start Ray themselves (after the S3 credentials are in the environment); stop it after."""
+    """The stages start Ray themselves (after the S3 credentials are in the environment); stop it after, and put
+    back the RAY_ADDRESS start_ray exported (a later test's command would otherwise try to join a dead cluster)."""
+    from instune.ray_runtime import stop_ray
+
     yield
-    ray.shutdown()
+    stop_ray()
 
 
 # One trial on one worker, scored by its in-domain loss while it trains.
