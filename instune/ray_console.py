@@ -104,6 +104,9 @@ def route_worker_output(verbose: bool) -> None:
 
     if quiet:
         global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    # The dispatcher appends handlers: a second routing in one process (a notebook, a test session that started
+    # Ray twice without restore) would otherwise print every forwarded line twice.
+    global_worker_stdstream_dispatcher.remove_handler(_handler_name)
     global_worker_stdstream_dispatcher.add_handler(_handler_name, handle)
     context = ray.data.DataContext.get_current()
     # On a terminal, Ray Data's one bar per dataset shows rows, rate and ETA; a bar per operator is Ray's

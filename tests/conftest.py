@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import uuid
 
 import pytest
@@ -46,7 +47,11 @@ def _no_ray_address_leaks():
     made, with its address exported in RAY_ADDRESS; end it here, so no later test inherits (or has its
     subprocesses join) a cluster that the next fixture's shutdown makes a dead address."""
     before = os.environ.get("RAY_ADDRESS")
+    # Ray Train's fit() installs a SIGINT handler that aborts its controller and leaves it installed; a later
+    # test's KeyboardInterrupt (ray_waits ends a stuck run with one) would call it on a controller long gone.
+    sigint_before = signal.getsignal(signal.SIGINT)
     yield
+    signal.signal(signal.SIGINT, sigint_before)
     if os.environ.get("RAY_ADDRESS") != before:
         from instune.ray_runtime import stop_ray
 
