@@ -49,7 +49,8 @@ def _no_ray_address_leaks():
     before = os.environ.get("RAY_ADDRESS")
     # Ray Train's fit() installs a SIGINT handler that aborts its controller and leaves it installed; a later
     # test's KeyboardInterrupt (ray_waits ends a stuck run with one) would call it on a controller long gone.
-    sigint_before = signal.getsignal(signal.SIGINT)
+    # Each test starts with Python's own handler, whatever a fixture's training left installed.
+    sigint_before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, sigint_before)
     if os.environ.get("RAY_ADDRESS") != before:
