@@ -92,21 +92,33 @@ def _undetectable_reason(record: dict) -> str:
 
 def validate_field_map(source_name: str, fmt: str, field_map: dict[str, str] | None) -> None:
     """Raise UserError if a source's field_map does not fit its format; call it before reading."""
+    keys = mapped_field_map_keys(source_name, fmt, field_map, MAPPED_KEYS,
+                                 example="{instruction: question, output: answer}")
+    if keys is None:
+        return
+    where = f"source '{source_name}': field_map"
+    if "messages" in keys:
+        if keys - {"messages", "system"}:
+            raise UserError(f"{where}: 'messages' maps a whole conversation; only 'system' may go with it")
+    elif not {"instruction", "output"} <= keys:
+        raise UserError(f"{where}: needs 'instruction' and 'output' (or 'messages')")
+
+
+def mapped_field_map_keys(source_name: str, fmt: str, field_map: dict[str, str] | None, allowed: tuple[str, ...],
+                          example: str, kind: str = "") -> set[str] | None:
+    """The keys of a source's field_map when its format is mapped, else None; raises UserError for the faults
+    conversations and preference pairs share: a map without format mapped, none with it, a key not in allowed."""
     where = f"source '{source_name}': field_map"
     if fmt != "mapped":
         if field_map:
             raise UserError(f"{where} is only used with format: mapped (format is {fmt})")
-        return
+        return None
     if not field_map:
-        raise UserError(f"{where} is required with format: mapped, e.g. {{instruction: question, output: answer}}")
-    unknown = sorted(set(field_map) - set(MAPPED_KEYS))
+        raise UserError(f"{where} is required with format: mapped, e.g. {example}")
+    unknown = sorted(set(field_map) - set(allowed))
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {unknown}; use {', '.join(MAPPED_KEYS)}")
-    if "messages" in field_map:
-        if set(field_map) - {"messages", "system"}:
-            raise UserError(f"{where}: 'messages' maps a whole conversation; only 'system' may go with it")
-    elif not {"instruction", "output"} <= set(field_map):
-        raise UserError(f"{where}: needs 'instruction' and 'output' (or 'messages')")
+        raise UserError(f"{where}: unknown key(s) {unknown}{kind}; use {', '.join(allowed)}")
+    return set(field_map)
 
 
 # ---------------------------------------------------------------- field access

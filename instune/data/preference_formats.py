@@ -23,7 +23,7 @@ import re
 from typing import Iterable, Iterator
 
 from instune.data.formats import (FORMATS, RecordError, _field, _openai_messages, _sharegpt_turns, detect_format,
-                                  record_metadata)
+                                  mapped_field_map_keys, record_metadata)
 from instune.data.read import RawItem, iter_raw_records, json_type_name
 from instune.data.schema import EXAMPLE_CHARS, make_reject
 from instune.errors import UserError
@@ -99,20 +99,11 @@ def first_record(file: str, max_record_bytes: int) -> dict | None:
 
 def validate_pair_field_map(source_name: str, fmt: str, field_map: dict[str, str] | None) -> None:
     """UserError if a preference source's field_map does not fit its format; call it before reading."""
-    where = f"source '{source_name}': field_map"
-    if fmt != "mapped":
-        if field_map:
-            raise UserError(f"{where} is only used with format: mapped (format is {fmt})")
-        return
-    if not field_map:
-        raise UserError(f"{where} is required with format: mapped, e.g. {{prompt: question, chosen: good, "
-                        "rejected: bad}")
-    unknown = sorted(set(field_map) - set(PAIR_MAPPED_KEYS))
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {unknown} for preference pairs; use "
-                        f"{', '.join(PAIR_MAPPED_KEYS)}")
-    if not {"chosen", "rejected"} <= set(field_map):
-        raise UserError(f"{where}: needs 'chosen' and 'rejected'")
+    keys = mapped_field_map_keys(source_name, fmt, field_map, PAIR_MAPPED_KEYS,
+                                 example="{prompt: question, chosen: good, rejected: bad}",
+                                 kind=" for preference pairs")
+    if keys is not None and not {"chosen", "rejected"} <= keys:
+        raise UserError(f"source '{source_name}': field_map: needs 'chosen' and 'rejected'")
 
 
 # ---------------------------------------------------------------- normalising
