@@ -19,7 +19,9 @@ def parse_args(argv):
                             ("train", "fine-tune on the prepared data with Ray Train"),
                             ("eval", "evaluate a model on the configured eval sets"),
                             ("run", "prepare, evaluate the base model, train, evaluate the tuned model"),
-                            ("sweep", "search data mixes and tuning settings with Ray Tune (resumes if interrupted)")]:
+                            ("sweep", "search data mixes and tuning settings with Ray Tune (resumes if interrupted)"),
+                            ("vlm", "image-text: prepare, evaluate, train, evaluate again; the in/out-of-domain table "
+                                    "(a VLM config, configs/vlm_quickstart.yaml)")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -60,7 +62,12 @@ def dispatch(args) -> int | None:
     from instune.config import load_config
 
     ray_runtime.options = ray_runtime.RayOptions(join=args.join, verbose=args.verbose)
+    if args.command == "vlm":
+        from instune.config import VlmExperimentConfig
+        from instune.vlm_run import run_vlm
 
+        run_vlm(load_config(args.config, args.overrides, schema=VlmExperimentConfig))
+        return 0
     config = load_config(args.config, args.overrides)
     if args.command == "prepare":
         stages.prepare_stage(config)

@@ -791,7 +791,7 @@ class VlmEvalConfig(Strict):
 
 
 class VlmExperimentConfig(Strict):
-    """`python -m instune.vlm_run CONFIG`: prepare image-text data, evaluate, train, evaluate again (vlm_run.py)."""
+    """`instune vlm CONFIG`: prepare image-text data, evaluate, train, evaluate again (vlm_run.py)."""
 
     name: str = "vlm"
     output_dir: str

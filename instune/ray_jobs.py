@@ -31,7 +31,7 @@ from instune.errors import UserError
 if TYPE_CHECKING:
     from instune.config import ExperimentConfig
 
-STAGES = ("prepare", "train", "eval", "sweep", "run")
+STAGES = ("prepare", "train", "eval", "sweep", "run", "vlm")  # vlm: a VlmExperimentConfig (instune/vlm_run.py)
 # Never shipped: the local environment, outputs of local runs, history and caches.
 EXCLUDES = [".venv", "outputs", ".git", "__pycache__", "*.egg-info", ".pytest_cache"]
 JOB_CONFIG = "job_config.yaml"
@@ -49,9 +49,23 @@ def project_root() -> Path:
 
 def check_paths_for_cluster(config: ExperimentConfig, source: str) -> None:
     """Raise UserError for a path the job could not use: outputs it would lose, inputs it would not have."""
+    from instune.config import VlmExperimentConfig
+
     written = [("output_dir", config.output_dir, f"/mnt/shared/instune/{config.name}")]
-    if config.data.corpus is not None:
-        written.append(("data.corpus.dir", config.data.corpus.dir, "'${output_dir}/corpus'"))
+    if isinstance(config, VlmExperimentConfig):
+        if "://" in config.output_dir:  # vlm_run writes with local paths only; it does not publish to buckets
+            raise UserError(f"{source}: output_dir: {config.output_dir} is a URI, and the vlm stage writes to a "
+                            f"path only; give an absolute path on storage every node mounts")
+        corpus, corpus_field = config.corpus, "corpus.dir"
+        read = [(f"data.{kind}[{s.name}].path", s.path) for kind in ("sources", "eval_sources")
+                for s in getattr(config.data, kind)] + [("model.path", config.model.path)]
+    else:
+        corpus, corpus_field = config.data.corpus, "data.corpus.dir"
+        read = [(f"data.sources[{s.name}].path", s.path) for s in config.data.sources]
+        read += [(f"eval.sets[{s.name}].path", s.path) for s in config.eval.sets]
+        read += [("model.path", config.model.path), ("model.tokenizer_path", config.model.tokenizer_path)]
+    if corpus is not None:
+        written.append((corpus_field, corpus.dir, "'${output_dir}/corpus'"))
     for field, value, example in written:
         # A URI output_dir is fine: stages publish to it (instune/storage.py). data.corpus.dir cannot be one
         # (config.py refuses it).
@@ -59,9 +73,6 @@ def check_paths_for_cluster(config: ExperimentConfig, source: str) -> None:
             raise UserError(f"{source}: {field}: {value} is relative, and a job runs in a temporary copy of the "
                             f"project, so it would be lost; give an absolute path on storage every node mounts, "
                             f"e.g. --set {field}={example}")
-    read = [(f"data.sources[{s.name}].path", s.path) for s in config.data.sources]
-    read += [(f"eval.sets[{s.name}].path", s.path) for s in config.eval.sets]
-    read += [("model.path", config.model.path), ("model.tokenizer_path", config.model.tokenizer_path)]
     for field, value in read:
         for path in [value] if isinstance(value, str) else (value or []):
             first = PurePosixPath(path).parts[0] if path and not Path(path).is_absolute() else None
@@ -164,9 +175,9 @@ class Submission:
 def plan_submission(stage: str, config_path: str, overrides: list[str], pip: str = "none",
                     model: str | None = None) -> Submission:
     """Load and check the config and options here, before any cluster is contacted. Raises UserError."""
-    from instune.config import config_to_yaml, load_config
+    from instune.config import VlmExperimentConfig, config_to_yaml, load_config
 
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, schema=VlmExperimentConfig if stage == "vlm" else None)
     check_paths_for_cluster(config, config_path)
     if not (project_root() / "pyproject.toml").is_file():
         # An installed package (site-packages) is not a project to ship: it lacks pyproject.toml.

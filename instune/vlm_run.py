@@ -1,4 +1,4 @@
-"""`python -m instune.vlm_run CONFIG [--set KEY=VALUE ...]`: the multimodal experiment, read top to bottom.
+"""`instune vlm CONFIG [--set KEY=VALUE ...]`: the multimodal experiment, read top to bottom.
 
 Prepare the image-text data on Ray Data (prepare_multimodal.py), evaluate the base model per domain
 (generation scores and zero-shot retrieval), train on Ray Train through the per-worker loop, export, and
@@ -7,7 +7,6 @@ evaluate again; print the in-domain/out-of-domain table before and after, and wr
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,11 +17,9 @@ from instune.config import VlmExperimentConfig
 
 def run_vlm(config: VlmExperimentConfig) -> dict:
     """Run every step into `config.output_dir`; return the results (also in results.json)."""
-    import ray
-
     from instune.data.images import ImageLimits
     from instune.data.prepare_multimodal import prepare_multimodal
-    from instune.ray_runtime import start_ray
+    from instune.ray_runtime import start_ray, stop_ray
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +42,7 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
     write_json(out / "results.json", results)
     print(results_table(results), flush=True)
     print(f"[vlm] wrote {out / 'results.json'}; tuned model: {merged_dir}", flush=True)
-    ray.shutdown()
+    stop_ray()
     return results
 
 
@@ -183,19 +180,10 @@ def _cell(before, after) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from instune.config import load_config
-    from instune.errors import UserError
+    """`instune vlm ARGS`: the same command, its one-line errors and its private Ray cluster (instune/cli.py)."""
+    from instune.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="python -m instune.vlm_run", description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        run_vlm(load_config(args.config, args.set, schema=VlmExperimentConfig))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(["vlm", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -53,3 +53,18 @@ def test_model_path_that_is_not_a_model(tmp_path):
 def test_override_error(tmp_path):
     assert_one_line_error(run_cli("run", str(ROOT / "configs/quickstart.yaml"), "--set", "train.lr=abc"),
                           "train.lr")
+
+
+def test_vlm_config_errors_are_one_line_before_ray_starts(tmp_path):
+    # `python -m instune vlm` is what a Ray job runs (instune/ray_jobs.py); `instune vlm` is the same main.
+    result = subprocess.run([sys.executable, "-m", "instune", "vlm", str(ROOT / "configs/vlm_quickstart.yaml"),
+                             "--set", f"output_dir={tmp_path}", "--set", "model.embedded.image_size=30"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_one_line_error(result, "model.embedded", "image_size 30 is not a multiple of patch_size 8")
+    path = tmp_path / "c.yaml"
+    missing = tmp_path / "nowhere.json"
+    source = {"name": "pics", "path": str(missing)}
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"),
+                                    "data": {"sources": [source], "eval_sources": [source]}}))
+    assert_one_line_error(run_cli("vlm", str(path)), "pics", str(missing))
+    assert not (tmp_path / "out" / "data").exists() and not (tmp_path / "out" / "logs").exists()

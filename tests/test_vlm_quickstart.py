@@ -28,7 +28,7 @@ def test_vlm_quickstart_config_loads():
 def test_vlm_quickstart_runs_prepare_train_eval(tmp_path):
     out = tmp_path / "vlm"
     result = subprocess.run(
-        [sys.executable, "-m", "instune.vlm_run", str(ROOT / "configs/vlm_quickstart.yaml"),
+        [sys.executable, "-m", "instune", "vlm", str(ROOT / "configs/vlm_quickstart.yaml"),
          "--set", f"output_dir={out}", "--set", "corpus.train_per_domain=20", "--set", "corpus.eval_per_domain=6",
          "--set", "train.max_steps=4", "--set", "train.log_every=2", "--set", "eval.retrieval_images=6"],
         capture_output=True, text=True, cwd=ROOT, timeout=900)

@@ -140,8 +140,21 @@ def test_plan_carries_the_resolved_config_with_overrides(tiny_config_file, tmp_p
     assert (plan.stage, plan.name, plan.pip, plan.overrides) == ("train", "tiny", None, ["train.lr=5e-4"])
 
 
+def test_a_vlm_plan_is_checked_as_a_vlm_config(tmp_path):
+    vlm = str(REPO / "configs/vlm_quickstart.yaml")
+    with pytest.raises(UserError, match=r"vlm_quickstart\.yaml: output_dir: outputs/vlm_quickstart is relative"):
+        plan_submission("vlm", vlm, [])
+    with pytest.raises(UserError, match=r"output_dir: s3://b/v is a URI, and the vlm stage writes to a path only"):
+        plan_submission("vlm", vlm, ["output_dir=s3://b/v", f"corpus.dir={tmp_path}"])
+    with pytest.raises(UserError, match=r"data\.eval_sources\[d\]\.path: outputs/d\.json is under outputs/"):
+        plan_submission("vlm", vlm, [f"output_dir={tmp_path}", "data.eval_sources=[{name: d, path: outputs/d.json}]"])
+    plan = plan_submission("vlm", vlm, [f"output_dir={tmp_path}"])
+    assert yaml.safe_load(plan.config_yaml)["corpus"]["dir"] == f"{tmp_path}/corpus" and plan.stage == "vlm"
+    assert job_entrypoint("vlm") == f"python -m instune vlm {JOB_CONFIG}"
+
+
 def test_the_job_entrypoint_runs_the_stage_commands():
-    for stage in ["prepare", "train", "eval", "sweep", "run"]:
+    for stage in ["prepare", "train", "eval", "sweep", "run", "vlm"]:
         result = subprocess.run([sys.executable, "-m", "instune", stage, "/no/such/config.yaml"], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr
