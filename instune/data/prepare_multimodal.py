@@ -44,26 +44,14 @@ class MultimodalSource:
 def read_multimodal_tables(tasks: pa.Table, max_record_bytes: int, limits: ImageLimits, quarantine: str,
                            counts_dir: str):
     """The kept records (with images) of each file in `tasks`; runs in a Ray task (sources.read_file_tables)."""
-    from instune.atomic import write_json
     from instune.data.multimodal_formats import to_multimodal
     from instune.data.read import iter_raw_records
-    from instune.data.rejects import write_rejects
+    from instune.data.sources import kept_tables
 
     for task in tasks.to_pylist():
         items = iter_raw_records(task["file"], max_record_bytes)
-        kept, rejected, read = [], [], 0
-        for kind, value in to_multimodal(items, task["source"], task["domain"], task["format"], task["file"],
-                                         limits):
-            read += 1
-            (kept if kind == "kept" else rejected).append(value)
-            if len(kept) == READ_TABLE_ROWS:
-                yield pa.Table.from_pylist(kept, schema=MULTIMODAL_RECORD_SCHEMA)
-                kept = []
-        if kept:
-            yield pa.Table.from_pylist(kept, schema=MULTIMODAL_RECORD_SCHEMA)
-        write_rejects(rejected, quarantine)
-        write_json(Path(counts_dir) / f"{task['index']:06d}.json",
-                   {"source": task["source"], "file": task["file"], "read": read})
+        results = to_multimodal(items, task["source"], task["domain"], task["format"], task["file"], limits)
+        yield from kept_tables(results, MULTIMODAL_RECORD_SCHEMA, READ_TABLE_ROWS, task, quarantine, counts_dir)
 
 
 def read_multimodal(sources: list[MultimodalSource], max_record_bytes: int, limits: ImageLimits, quarantine: str,

@@ -51,33 +51,44 @@ def read_file_tables(tasks: pa.Table, max_record_bytes: int, quarantine: str, co
     (rejects.write_rejects); once a file is done, the number of records read from it goes to
     `counts_dir/<task index>.json`: the accounting's "read", counted by the reader itself.
     """
-    from instune.atomic import write_json
     from instune.data.formats import to_canonical
     from instune.data.read import iter_raw_records
-    from instune.data.rejects import write_rejects
 
     for task in tasks.to_pylist():
         field_map = json.loads(task["field_map"]) if task["field_map"] else None
         items = iter_raw_records(task["file"], max_record_bytes)
-        kept, rejected, read = [], [], 0
-        for kind, value in to_canonical(items, task["source"], task["domain"], task["format"], field_map,
-                                        task["file"]):
-            read += 1
-            if kind != "kept":
-                rejected.append(value)
-                if len(rejected) == READ_TABLE_ROWS:
-                    write_rejects(rejected, quarantine)
-                    rejected = []
-                continue
-            kept.append(value)
-            if len(kept) == READ_TABLE_ROWS:
-                yield pa.Table.from_pylist(kept, schema=RECORD_SCHEMA)
-                kept = []
-        if kept:
-            yield pa.Table.from_pylist(kept, schema=RECORD_SCHEMA)
-        write_rejects(rejected, quarantine)
-        write_json(Path(counts_dir) / f"{task['index']:06d}.json",
-                   {"source": task["source"], "file": task["file"], "read": read})
+        results = to_canonical(items, task["source"], task["domain"], task["format"], field_map, task["file"])
+        yield from kept_tables(results, RECORD_SCHEMA, READ_TABLE_ROWS, task, quarantine, counts_dir)
+
+
+def kept_tables(results, schema: pa.Schema, table_rows: int, task: dict, quarantine: str, counts_dir: str):
+    """The kept values of one file's ("kept" | "rejected", value) results as `schema` tables of `table_rows`.
+
+    Rejects go to `quarantine` every `table_rows` and at the end, so neither list grows with the file; once the
+    file is done, the number of records read goes to `counts_dir/<task index>.json`. Shared by the text and the
+    image-text readers.
+    """
+    from instune.atomic import write_json
+    from instune.data.rejects import write_rejects
+
+    kept, rejected, read = [], [], 0
+    for kind, value in results:
+        read += 1
+        if kind != "kept":
+            rejected.append(value)
+            if len(rejected) == table_rows:
+                write_rejects(rejected, quarantine)
+                rejected = []
+            continue
+        kept.append(value)
+        if len(kept) == table_rows:
+            yield pa.Table.from_pylist(kept, schema=schema)
+            kept = []
+    if kept:
+        yield pa.Table.from_pylist(kept, schema=schema)
+    write_rejects(rejected, quarantine)
+    write_json(Path(counts_dir) / f"{task['index']:06d}.json",
+               {"source": task["source"], "file": task["file"], "read": read})
 
 
 def read_tasks(sources: list[SourceFiles]) -> list[dict]:
