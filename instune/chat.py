@@ -12,6 +12,10 @@ A prompts file holds one JSON object per line, any of:
   {"messages": [{"role": ..., "content": ...}, ...]}   a conversation ending with a user turn
 each optionally with "system". Every line comes back with "messages" (the whole conversation) and
 "responses" (the model's answers) added.
+
+With `--config` of a run trained with outcome markers (negative-aware training), every prompt carries the success
+marker as eval's do (eval.outcome_marker, stages.eval_prompt_marker); the conversations written back are the
+user's, without it.
 """
 
 from __future__ import annotations
@@ -94,9 +98,12 @@ def read_prompts(path: str | Path, system: str | None) -> list[Conversation]:
     return conversations
 
 
-def answer_all(model, tokenizer, conversations: list[Conversation], settings, batch_size: int) -> None:
+def answer_all(model, tokenizer, conversations: list[Conversation], settings, batch_size: int,
+               markers=None) -> None:
     """Answer every pending user turn, round by round: each conversation's next turn sees its earlier answers.
-    Batches follow eval's generation (left padding, the template's generation prompt)."""
+    Batches follow eval's generation (left padding, the template's generation prompt). With `markers`
+    (data.outcome.OutcomeMarkers) each prompt carries their success text, where training put it."""
+    from instune.data.outcome import with_marker
     from instune.eval.evaluate import generate_answers
 
     round_number = 0
@@ -109,7 +116,10 @@ def answer_all(model, tokenizer, conversations: list[Conversation], settings, ba
         for start in range(0, len(active), batch_size):
             batch = active[start:start + batch_size]
             # Seeded by position, as eval's batches are, so a rerun draws the same sampled answers.
-            answers = generate_answers(model, tokenizer, [c.messages for c in batch], settings,
+            # Marked afresh each round from the unmarked history, so the marker is in the prompt once.
+            prompts = [with_marker(c.messages, markers.success, markers.position) if markers else c.messages
+                       for c in batch]
+            answers = generate_answers(model, tokenizer, prompts, settings,
                                        settings.seed + round_number * len(conversations) + start)
             for c, answer in zip(batch, answers):
                 answer = answer.strip()
@@ -123,7 +133,7 @@ def chat_lines(conversations: list[Conversation]) -> str:
                               ensure_ascii=False) + "\n" for c in conversations)
 
 
-def interact(model, tokenizer, settings, system: str | None, read=input, write=print) -> int:
+def interact(model, tokenizer, settings, system: str | None, read=input, write=print, markers=None) -> int:
     """A conversation on the terminal until end of input or /exit; /reset starts over. Returns the turns
     answered."""
     start = [{"role": "system", "content": system}] if system else []
@@ -142,15 +152,17 @@ def interact(model, tokenizer, settings, system: str | None, read=input, write=p
         if not text.strip():
             continue
         conversation = Conversation({}, messages, [text])
-        answer_all(model, tokenizer, [conversation], settings, batch_size=1)
+        answer_all(model, tokenizer, [conversation], settings, batch_size=1, markers=markers)
         messages = conversation.messages
         answered += 1
         write(f"model> {conversation.responses[-1]}")
 
 
-def chat_command(model_source: str, model_config, chat_config, prompts: str | None, output: str | None) -> None:
+def chat_command(model_source: str, model_config, chat_config, prompts: str | None, output: str | None,
+                 markers=None) -> None:
     """`instune chat`: check and load the model (an adapter on its base: model.path when a config gives one,
-    else the base its adapter_config.json names), then answer a prompts file or talk on the terminal."""
+    else the base its adapter_config.json names), then answer a prompts file or talk on the terminal.
+    `markers`: the outcome markers whose success text every prompt carries (stages.eval_prompt_marker), or None."""
     import torch
 
     from instune.atomic import write_text
@@ -174,10 +186,14 @@ def chat_command(model_source: str, model_config, chat_config, prompts: str | No
         raise UserError(f"MODEL: the tokenizer of {model_source} has no chat template; give the adapter or merged "
                         "model that training wrote (it carries the template the data was rendered with), or set "
                         "model.chat_template")
+    if markers is not None:
+        from instune.eval.outcome_marker import marker_note
+
+        print(f"[chat] {marker_note(markers, trained_with_markers=True)}", file=sys.stderr)
     if conversations is None:
-        interact(model, tokenizer, settings, c.system)
+        interact(model, tokenizer, settings, c.system, markers=markers)
         return
-    answer_all(model, tokenizer, conversations, settings, c.batch_size)
+    answer_all(model, tokenizer, conversations, settings, c.batch_size, markers)
     if output:
         write_text(output, chat_lines(conversations))
         print(f"[chat] {sum(len(x.responses) for x in conversations)} answers to {len(conversations)} "

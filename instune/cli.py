@@ -56,8 +56,12 @@ def dispatch(args) -> int | None:
         from instune.chat import chat_command
         from instune.config import load_chat_config
 
-        model_config, chat_config = load_chat_config(args.config, args.overrides)
-        return chat_command(args.model, model_config, chat_config, args.prompts, args.output)
+        from instune.stages import eval_prompt_marker
+
+        model_config, chat_config, experiment = load_chat_config(args.config, args.overrides)
+        # The prompts carry the success marker exactly when eval's would (eval.outcome_marker).
+        markers = eval_prompt_marker(experiment) if experiment is not None else None
+        return chat_command(args.model, model_config, chat_config, args.prompts, args.output, markers)
     from instune import ray_runtime, stages
     from instune.config import load_config
 

@@ -906,12 +906,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 
 def load_chat_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
-                     ) -> tuple[ModelConfig, ChatConfig]:
-    """`instune chat`'s settings: the model and chat sections of an experiment file, or without one the
-    defaults with `--set model.*` / `--set chat.*` applied. Raises UserError."""
+                     ) -> tuple[ModelConfig, ChatConfig, ExperimentConfig | None]:
+    """`instune chat`'s settings: the model and chat sections of an experiment file and the file's whole config
+    (its data.outcome_markers and eval.outcome_marker decide the prompts' success marker, as for eval), or
+    without one the defaults with `--set model.*` / `--set chat.*` applied and None. Raises UserError."""
     if path is not None:
         config = load_config(path, overrides)
-        return config.model, config.chat
+        return config.model, config.chat, config
     tree: dict = {"model": {}, "chat": {}}
     for text in overrides:
         key, value = parse_override(text)
@@ -919,7 +920,7 @@ def load_chat_config(path: str | os.PathLike | None, overrides: list[str] | tupl
             raise UserError(f"--set {text}: without --config only model.* and chat.* settings apply")
         _set_path(tree, key, value, "instune chat")
     try:
-        return ModelConfig.model_validate(tree["model"]), ChatConfig.model_validate(tree["chat"])
+        return ModelConfig.model_validate(tree["model"]), ChatConfig.model_validate(tree["chat"]), None
     except ValidationError as e:
         section = "model" if e.title == "ModelConfig" else "chat"
         raise UserError("--set: " + "; ".join(f"{section}.{_describe(err)}" for err in e.errors())) from None

@@ -152,3 +152,36 @@ def test_a_prompt_line_whose_input_is_not_text_is_a_one_line_error():
     assert conversation_from({"instruction": "Add.", "input": ""}, "p line 1", None).pending == ["Add."]
     with pytest.raises(UserError, match=r"^p line 2: input: expected text, got \[1, 2\]$"):
         conversation_from({"instruction": "Add.", "input": [1, 2]}, "p line 2", None)
+
+
+def test_a_config_trained_with_outcome_markers_puts_the_success_marker_in_every_prompt(embedded_model, tmp_path,
+                                                                                        capsys):
+    """As eval does (eval.outcome_marker): chat with the config of a NAT run answers what the model is asked
+    with the success marker, here a system message, and `eval.outcome_marker=none` asks without it."""
+    import yaml
+
+    success = "The following response succeeds."
+    source = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                                  {"role": "assistant", "content": "a"}]}])
+    config = tmp_path / "nat.yaml"
+    config.write_text(yaml.safe_dump({"name": "nat", "output_dir": str(tmp_path / "out"),
+                                      "data": {"sources": [{"name": "s", "path": str(source)}],
+                                               "outcome_markers": {"position": "system", "success": success}}}))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS] + [{"turns": QUESTIONS[:2]}])
+    marked = chat_file(embedded_model, prompts, tmp_path / "marked.jsonl", "--config", str(config))
+    assert f'[chat] Eval prompts carry the success marker "{success}" (system)' in capsys.readouterr().err
+    # The same prompts with the marker written in as their system message: the same answers, every turn.
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": q, "system": success} for q in QUESTIONS]
+                           + [{"turns": QUESTIONS[:2], "system": success}])
+    asked_with_marker = chat_file(embedded_model, explicit, tmp_path / "explicit_out.jsonl")
+    assert [r["responses"] for r in marked] == [r["responses"] for r in asked_with_marker]
+    assert [len(r["responses"]) for r in marked] == [1, 1, 1, 2]
+    # The conversations written back are the user's: the marker is in the prompt only.
+    assert all(m["content"] != success for r in marked for m in r["messages"])
+    # Without the marker (eval.outcome_marker: none, or no config) the model is asked something else.
+    unmarked = chat_file(embedded_model, prompts, tmp_path / "unmarked.jsonl", "--config", str(config),
+                         "--set", "eval.outcome_marker=none")
+    plain = chat_file(embedded_model, prompts, tmp_path / "plain.jsonl")
+    assert [r["responses"] for r in unmarked] == [r["responses"] for r in plain]
+    assert [r["responses"] for r in unmarked] != [r["responses"] for r in marked]
+    assert "success marker" not in capsys.readouterr().err
