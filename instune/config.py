@@ -706,18 +706,18 @@ class ExperimentConfig(Strict):
 # ---------------------------------------------------------------- vision-language experiments (issue 19)
 
 
-class VlmEmbeddedConfig(Strict):
-    """The embedded LLaVA-style model (instune/default/vlm.py) built when `model.path` is unset."""
+class VlmEmbeddedConfig(EmbeddedModelConfig):
+    """The embedded LLaVA-style model (instune/default/vlm.py) built when `model.path` is unset: a CLIP vision
+    tower and projector in front of the embedded Llama, whose sizes (and checks) are EmbeddedModelConfig's."""
 
     image_size: int = Field(32, gt=0)
     patch_size: int = Field(8, gt=0)
     vision_hidden_size: int = Field(64, gt=0)
     vision_layers: int = Field(2, gt=0)
     vision_heads: int = Field(2, gt=0)
+    # A smaller language model than the text default: the image tasks' vocabulary and prompts are short.
     vocab_size: int = Field(512, ge=300)
-    hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
     intermediate_size: int = Field(256, gt=0)
     max_position_embeddings: int = Field(512, gt=0)
 
@@ -725,6 +725,9 @@ class VlmEmbeddedConfig(Strict):
     def _patches_tile_the_image(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(f"vision_hidden_size {self.vision_hidden_size} is not divisible by vision_heads "
+                             f"{self.vision_heads}")
         return self
 
 

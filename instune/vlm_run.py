@@ -77,14 +77,13 @@ def base_model(config: VlmExperimentConfig, eval_sources) -> str:
 
         return str(check_model_dir(config.model.path, "model.path"))
     from instune.default.image_tasks import PROMPTS
-    from instune.default.vlm import VlmSettings, ensure_embedded_vlm
+    from instune.default.vlm import ensure_embedded_vlm
 
     # The tokenizer learns the task words: prompts, answers and captions of the corpus.
     texts = [p for prompts in PROMPTS.values() for p in prompts] + [
         "one two three four red green blue yellow circle circles square squares triangle triangles left right top "
         "bottom the digit 0 1 2 3 4 5 6 7 8 9 a at Describe the image."] * 20
-    settings = VlmSettings(**config.model.embedded.model_dump())
-    return str(ensure_embedded_vlm(Path(config.output_dir) / "base_model", texts, settings).resolve())
+    return str(ensure_embedded_vlm(Path(config.output_dir) / "base_model", texts, config.model.embedded).resolve())
 
 
 def read_eval_sets(eval_sources, limits) -> list[dict]:

@@ -21,6 +21,12 @@ def test_vlm_quickstart_config_loads():
     assert not config.model.train_vision_tower
     with pytest.raises(UserError, match="model.embedded: .*image_size 30 is not a multiple of patch_size 8"):
         load_config(ROOT / "configs/vlm_quickstart.yaml", ["model.embedded.image_size=30"], schema=VlmExperimentConfig)
+    # The language model's sizes are checked as the text model's are (EmbeddedModelConfig), the tower's too.
+    for override, message in (("hidden_size=130", "hidden_size 130 is not divisible by num_heads 4"),
+                               ("vision_heads=3", "vision_hidden_size 64 is not divisible by vision_heads 3")):
+        with pytest.raises(UserError, match=f"model.embedded: .*{message}"):
+            load_config(ROOT / "configs/vlm_quickstart.yaml", [f"model.embedded.{override}"],
+                        schema=VlmExperimentConfig)
 
 
 # About 3 minutes on 2 cores: two Ray stages and four model evaluations, the one test of the whole path.

@@ -12,13 +12,13 @@ template, processor), loadable with `AutoProcessor` / `AutoModelForImageTextToTe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from instune.atomic import atomic_dir
+from instune.config import VlmEmbeddedConfig
 from instune.default.model import build_model
 from instune.default.tokenizer import train_tokenizer
 
@@ -26,30 +26,12 @@ MARKER = "instune_embedded_vlm.json"
 IMAGE_TOKEN = "<image>"
 
 
-@dataclass(frozen=True)
-class VlmSettings:
-    """Sizes of the embedded VLM; the defaults train in minutes on a laptop CPU."""
-
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden_size: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    vocab_size: int = 512
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    max_position_embeddings: int = 512
-    seed: int = 0
-
-    @property
-    def image_tokens(self) -> int:
-        """Tokens one image becomes in the prompt: one per patch (CLIP's class token is dropped: "default")."""
-        return (self.image_size // self.patch_size) ** 2
+def patches_per_image(settings: VlmEmbeddedConfig) -> int:
+    """Tokens one image becomes in the prompt: one per patch (CLIP's class token is dropped: "default")."""
+    return (settings.image_size // settings.patch_size) ** 2
 
 
-def build_vlm(tokenizer, settings: VlmSettings):
+def build_vlm(tokenizer, settings: VlmEmbeddedConfig, seed: int = 0):
     """(LlavaForConditionalGeneration, LlavaProcessor) randomly initialised; `tokenizer` must hold IMAGE_TOKEN."""
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers import LlavaProcessor
@@ -58,16 +40,16 @@ def build_vlm(tokenizer, settings: VlmSettings):
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert image_token_id != tokenizer.unk_token_id and image_token_id is not None, "tokenizer lacks <image>"
     language_model = build_model(tokenizer, s.hidden_size, s.num_layers, s.num_heads, s.intermediate_size,
-                                 s.max_position_embeddings, s.seed)
+                                 s.max_position_embeddings, seed)
     vision_config = CLIPVisionConfig(hidden_size=s.vision_hidden_size, intermediate_size=2 * s.vision_hidden_size,
                                      num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
                                      image_size=s.image_size, patch_size=s.patch_size,
                                      projection_dim=s.vision_hidden_size)
     config = LlavaConfig(vision_config=vision_config, text_config=language_model.config,
                          image_token_index=image_token_id, vision_feature_select_strategy="default",
-                         vision_feature_layer=-1, image_seq_length=s.image_tokens,
+                         vision_feature_layer=-1, image_seq_length=patches_per_image(s),
                          tie_word_embeddings=False)
-    torch.manual_seed(s.seed)
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     # The language model starts from the same initial weights as the text-only embedded model of this size.
     model.model.language_model.load_state_dict(language_model.model.state_dict())
@@ -90,19 +72,21 @@ def vlm_tokenizer(texts: Iterable[str], vocab_size: int):
     return tokenizer
 
 
-def ensure_embedded_vlm(directory: str | Path, texts: Iterable[str], settings: VlmSettings = VlmSettings()) -> Path:
+def ensure_embedded_vlm(directory: str | Path, texts: Iterable[str], settings: VlmEmbeddedConfig = VlmEmbeddedConfig(),
+                        seed: int = 0) -> Path:
     """Build (once) the embedded VLM, tokenizer and processor into `directory` and return it; a directory built
     with the same settings is reused, so every stage and trial sees the same base weights."""
     directory = Path(directory)
     marker = directory / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == asdict(settings):
+    built_with = {**settings.model_dump(), "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == built_with:
         return directory
     tokenizer = vlm_tokenizer(texts, settings.vocab_size)
-    model, processor = build_vlm(tokenizer, settings)
+    model, processor = build_vlm(tokenizer, settings, seed)
     with atomic_dir(directory) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(str(tmp))
-        (tmp / MARKER).write_text(json.dumps(asdict(settings)))
+        (tmp / MARKER).write_text(json.dumps(built_with))
     return directory
 
 

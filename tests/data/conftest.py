@@ -17,9 +17,10 @@ def local_ray(local_ray_cluster):
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
     """A tiny embedded LLaVA-style model directory (instune/default/vlm.py), built once for the session."""
-    from instune.default.vlm import VlmSettings, ensure_embedded_vlm
+    from instune.config import VlmEmbeddedConfig
+    from instune.default.vlm import ensure_embedded_vlm
 
-    settings = VlmSettings(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
-                           vocab_size=320)
+    settings = VlmEmbeddedConfig(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2,
+                                 intermediate_size=128, vocab_size=320)
     texts = ["How many shapes are in the picture? 3", "What colour is the shape? red", "the digit 7"]
     return ensure_embedded_vlm(tmp_path_factory.mktemp("vlm") / "model", texts, settings)

@@ -2,10 +2,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from instune.default.vlm import IMAGE_TOKEN, VlmSettings, ensure_embedded_vlm, load_vlm
+from instune.config import VlmEmbeddedConfig
+from instune.default.vlm import IMAGE_TOKEN, ensure_embedded_vlm, load_vlm, patches_per_image
 
-SETTINGS = VlmSettings(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
-                       vocab_size=320)
+SETTINGS = VlmEmbeddedConfig(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2,
+                             intermediate_size=128, vocab_size=320)
 
 
 def test_embedded_vlm_builds_offline_and_gives_a_loss_with_images(tmp_path, monkeypatch):
@@ -20,7 +21,7 @@ def test_embedded_vlm_builds_offline_and_gives_a_loss_with_images(tmp_path, monk
     batch = processor(images=images, text=text, return_tensors="pt")
     image_id = model.config.image_token_index
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [SETTINGS.image_tokens] * 2
+    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [patches_per_image(SETTINGS)] * 2
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == image_id, -100)
     out = model(**batch, labels=labels)
     assert torch.isfinite(out.loss) and 4.0 < out.loss.item() < 8.0  # about ln(vocab) at initialisation

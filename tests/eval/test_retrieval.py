@@ -34,10 +34,11 @@ def test_scores_are_caption_log_likelihoods_given_the_image(tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from instune.default.vlm import VlmSettings, ensure_embedded_vlm
+    from instune.config import VlmEmbeddedConfig
+    from instune.default.vlm import ensure_embedded_vlm
 
-    settings = VlmSettings(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
-                           vocab_size=320)
+    settings = VlmEmbeddedConfig(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2,
+                                 intermediate_size=128, vocab_size=320)
     directory = ensure_embedded_vlm(tmp_path / "vlm", ["a red square", "a blue circle"], settings)
     model = AutoModelForImageTextToText.from_pretrained(directory)
     processor = AutoProcessor.from_pretrained(directory)

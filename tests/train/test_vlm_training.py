@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from instune.config import VlmEmbeddedConfig
 from instune.data.multimodal_tokenize import image_tokens, tokenize_multimodal
 from instune.data.prepare_multimodal import TOKENIZED_SCHEMA
-from instune.default.vlm import VlmSettings, ensure_embedded_vlm
+from instune.default.vlm import ensure_embedded_vlm
 from instune.train.export import export_model
 from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
@@ -38,8 +39,8 @@ def _png(rgb) -> bytes:
 def vlm_rows(tmp_path_factory):
     """(tiny VLM directory, Parquet files of 16 tokenized rows: 'What colour?' about red or blue images)."""
     root = tmp_path_factory.mktemp("vlm_train")
-    settings = VlmSettings(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128,
-                           vocab_size=320)
+    settings = VlmEmbeddedConfig(vision_hidden_size=32, hidden_size=64, num_layers=1, num_heads=2,
+                                 intermediate_size=128, vocab_size=320)
     model_dir = ensure_embedded_vlm(root / "model", ["What colour is it? red blue"] * 5, settings)
     processor = AutoProcessor.from_pretrained(model_dir)
     records = [{"messages": [{"role": "user", "content": "<image>\nWhat colour is it?"},
