@@ -27,6 +27,10 @@ def test_auto_takes_liger_only_on_cuda_with_the_package(requested, device, insta
     assert loss_sum_for(choice) is expected_loss
 
 
-def test_liger_without_cuda_is_refused_before_a_worker_gets_there():
+def test_a_worker_without_cuda_given_liger_stops_on_the_invariant():
+    # checks.check_attention_and_kernels refuses liger without a GPU before Ray starts (tests/train/test_checks.py);
+    # a worker that still gets there (a node without CUDA) stops on the invariant instead of training without it.
     with pytest.raises(AssertionError, match="needs CUDA"):
         choose_kernels("liger", "cpu", True)
+    with pytest.raises(AssertionError, match="liger-kernel"):
+        choose_kernels("liger", "cuda", False)
