@@ -161,7 +161,12 @@ def start_private(num_cpus: int, dashboard: bool) -> str:
         # Only the head reads it; a second cluster started by this process later must pick its own port.
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
     gcs_address = ray.get_runtime_context().gcs_address
-    assert gcs_address == address, f"Ray started its GCS at {gcs_address}, not at the chosen {address}"
+    if gcs_address != address:
+        # Ray's processes were started with RAY_ADDRESS naming `address`: they would look up another cluster
+        # (or none), so Train's cleaner and the state API would be wrong. Not a state to run in.
+        ray.shutdown()
+        raise RuntimeError(f"Ray started this command's cluster at {gcs_address}, not at {address}, the address "
+                           "its processes were given (was the port taken meanwhile?); run the command again")
     return address
 
 

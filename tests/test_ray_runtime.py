@@ -7,15 +7,14 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from ray_heads import end_head
 
 from instune import ray_runtime, ray_waits
 from instune.config import ScalingConfig
@@ -59,16 +58,7 @@ def live_head(ray_tmpdir: Path, num_cpus: int = 1):
             time.sleep(0.5)
         yield recorded.read_text().strip()
     finally:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for process in psutil.Process(head.pid).children(recursive=True):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        end_head(head)
 
 
 def what_a_worker_sees():
@@ -85,6 +75,23 @@ def what_a_worker_sees():
             return os.environ.get("RAY_ADDRESS"), found.state if found else None
 
     return ray.get(Probe.remote().look_up.remote(), timeout=120)
+
+
+def test_a_cluster_not_at_the_address_its_processes_were_given_is_an_error(ray_tmpdir, monkeypatch):
+    """start_private exports the chosen address before ray.init; a GCS elsewhere (here a stand-in for Ray
+    reporting another port: no cluster is started) must stop the command, also under python -O."""
+    import ray
+
+    shut_down = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: shut_down.append(True))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Context", (), {"gcs_address": "10.9.9.9:1"}))
+    with pytest.raises(RuntimeError, match=r"^Ray started this command's cluster at 10\.9\.9\.9:1, not at .*:\d+, "):
+        ray_runtime.start_private(1, dashboard=False)
+    assert shut_down == [True]
+    assert "RAY_GCS_SERVER_PORT" not in os.environ
+    stop_ray()
+    assert "RAY_ADDRESS" not in os.environ
 
 
 @pytest.mark.slow  # a private cluster with its dashboard, as a sweep starts it (~25 s): the state API needs it
