@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 import yaml
+from ray_heads import end_head
 
 from instune.errors import UserError
 from instune.ray_jobs import (EXCLUDES, JOB_CONFIG, check_paths_for_cluster, connect, job_entrypoint, job_runtime_env,
@@ -196,18 +194,7 @@ def loopback_head(tmp_path, free_port):
             time.sleep(2)
         yield address, env
     finally:
-        # Once a driver has connected, `ray start --block` takes 30 s to exit on SIGTERM (measured, with or
-        # without its processes still running). Its processes are all its descendants: end them, then it.
-        with contextlib.suppress(psutil.NoSuchProcess):  # the head may have died already
-            for process in psutil.Process(head.pid).children(recursive=True):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.kill()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        end_head(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
