@@ -158,6 +158,20 @@ def interact(model, tokenizer, settings, system: str | None, read=input, write=p
         write(f"model> {conversation.responses[-1]}")
 
 
+# `chat` fields chat_settings does not take, and where they go instead (tests/test_chat.py checks that every
+# other chat field reaches EvalSettings).
+NOT_IN_CHAT_SETTINGS = {"chat.system": "the conversations' first message (read_prompts, talk)"}
+
+
+def chat_settings(model_config, chat_config):
+    """eval's EvalSettings from `model` (max_length, dtype) and `chat` (the decoding settings), field by name as
+    eval fills them (config.settings_from): chat answers as eval generates."""
+    from instune.config import settings_from
+    from instune.eval.evaluate import EvalSettings
+
+    return settings_from(EvalSettings, {"model": model_config, "chat": chat_config})
+
+
 def chat_command(model_source: str, model_config, chat_config, prompts: str | None, output: str | None,
                  markers=None) -> None:
     """`instune chat`: check and load the model (an adapter on its base: model.path when a config gives one,
@@ -166,16 +180,12 @@ def chat_command(model_source: str, model_config, chat_config, prompts: str | No
     import torch
 
     from instune.atomic import write_text
-    from instune.eval.evaluate import EvalSettings
     from instune.eval.load import check_eval_model, is_adapter_dir, load_model_and_tokenizer
 
     base = model_config.path if model_config.path and is_adapter_dir(model_source, "MODEL") else None
     model_source = check_eval_model(model_source, base, "MODEL")
     conversations = read_prompts(prompts, chat_config.system) if prompts else None
-    c = chat_config
-    settings = EvalSettings(max_length=model_config.max_length, max_new_tokens=c.max_new_tokens,
-                            batch_size=c.batch_size, dtype=model_config.dtype, do_sample=c.do_sample,
-                            temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+    settings = chat_settings(model_config, chat_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model_and_tokenizer(model_source, base, settings.dtype, device)
     if model_config.chat_template:  # as training rendered its data (base_model.resolve_base_model)
@@ -191,9 +201,9 @@ def chat_command(model_source: str, model_config, chat_config, prompts: str | No
 
         print(f"[chat] {marker_note(markers, trained_with_markers=True)}", file=sys.stderr)
     if conversations is None:
-        interact(model, tokenizer, settings, c.system, markers=markers)
+        interact(model, tokenizer, settings, chat_config.system, markers=markers)
         return
-    answer_all(model, tokenizer, conversations, settings, c.batch_size, markers)
+    answer_all(model, tokenizer, conversations, settings, chat_config.batch_size, markers)
     if output:
         write_text(output, chat_lines(conversations))
         print(f"[chat] {sum(len(x.responses) for x in conversations)} answers to {len(conversations)} "

@@ -16,6 +16,24 @@ from instune.errors import UserError
 QUESTIONS = ["What is 2 + 3?", "Reverse the list [1, 2, 3].", "Convert 2 km to m."]
 
 
+def test_every_chat_setting_reaches_the_generation_settings():
+    import dataclasses
+
+    from instune.chat import NOT_IN_CHAT_SETTINGS, chat_settings
+    from instune.config import ChatConfig, ModelConfig
+    from instune.eval.evaluate import EvalSettings
+
+    taken = {f.name for f in dataclasses.fields(EvalSettings)}
+    lost = [f"chat.{key}" for key in ChatConfig.model_fields
+            if key not in taken and f"chat.{key}" not in NOT_IN_CHAT_SETTINGS]
+    assert lost == [], f"chat fields that reach no setting; add them to EvalSettings or NOT_IN_CHAT_SETTINGS: {lost}"
+    settings = chat_settings(ModelConfig(max_length=99, dtype="bfloat16"),
+                             ChatConfig(max_new_tokens=7, batch_size=5, do_sample=True, temperature=0.5, top_p=0.8,
+                                        seed=3, system="Be brief."))
+    assert settings == EvalSettings(max_length=99, max_new_tokens=7, batch_size=5, dtype="bfloat16", do_sample=True,
+                                    temperature=0.5, top_p=0.8, seed=3)
+
+
 @pytest.fixture(scope="module")
 def embedded_model(tmp_path_factory) -> Path:
     """The embedded default model as `instune` builds it (base_model.py), with small dimensions."""
