@@ -215,19 +215,12 @@ def child(args) -> None:
     from instune.data.dedup.minhash import near_dedup
     from instune.data.prepare import prepare
     from instune.data.sources import plan_sources, read_all
+    from ray_start import init_local_ray  # bench/ is this script's directory
 
     files = [Path(f) for f in args.files.split(",")]
     workdir = Path(args.workdir)
     config = bench_config(files, workdir, args.pipeline, args.shuffle)
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=False, object_store_memory=args.object_store_mb * 2**20)
-            break
-        except Exception as e:  # Ray's startup timeout on a busy machine is a bare Exception; try again
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
+    init_local_ray(os.cpu_count() or 1, object_store_memory=args.object_store_mb * 2**20)
     ray.data.DataContext.get_current().enable_progress_bars = False
     data_dir = workdir / f"data-{args.pipeline}-{args.shuffle}-{len(files)}"
     if args.pipeline == "tokenize":

@@ -126,15 +126,9 @@ def run_ours_ray(records, threshold, num_perm, ngram, cpus, repeats):
     import ray.data
 
     from instune.data.dedup.minhash import near_dedup
+    from ray_start import init_local_ray  # bench/ is this script's directory
 
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:  # Ray's startup timeout on a busy machine is a bare Exception; try again
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
+    init_local_ray(cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         ds = ray.data.from_items(records, override_num_blocks=4 * cpus).materialize()

@@ -4,10 +4,15 @@ Each side is the prompt messages and its answer rendered with the chat template;
 tokens and the end-of-turn text the template writes after it (what SFT trains on), so the summed log-prob
 of a side is that of the answer given the prompt, as DPO defines it.
 
-Too long a side is never cut to an empty response: the prompt is shortened from the left, by the same number
-of tokens on both sides so they keep seeing the same context, down to one token. If the longer response still
-does not fit, `truncation: drop` drops the pair; `truncate` cuts the responses' ends (each keeps at least
-`max_length` - 1 tokens of it). Both adjustments are counted for the report.
+A pair with a side over `max_length` is fitted as `data.truncation` says (the SFT meanings, for two sides), and
+a response is never cut to nothing:
+  prompt_left  (default) the prompt is shortened from the left, by the same number of tokens on both sides so
+               they keep seeing the same context, down to one token, keeping both responses whole; a pair whose
+               longer response does not fit even so is dropped with the reason.
+  truncate     the prompt is shortened the same way, then the responses' ends are cut (each keeps at least
+               `max_length` - 1 tokens of it).
+  drop         the pair is dropped.
+Shortened prompts and cut responses are counted for the report (prompt_cut, response_cut).
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def render_side(messages: list[dict], render: ChatRenderer, eos_token: str | Non
 
 def fit_pair(sides: dict[str, tuple[np.ndarray, np.ndarray]], max_length: int, truncation: str
              ) -> TokenizedPair | TokenizeError:
-    """Both sides within `max_length` tokens: prompts shortened from the left, then responses cut (see above)."""
+    """Both sides within `max_length` tokens as `truncation` says (see above), or the TokenizeError that drops
+    the pair."""
     prompt_lengths = {}
     for side, (ids, labels) in sides.items():
         labelled = np.flatnonzero(labels != IGNORE_INDEX)
@@ -72,14 +78,16 @@ def fit_pair(sides: dict[str, tuple[np.ndarray, np.ndarray]], max_length: int, t
             return TokenizeError(f"the {side} response has no tokens")
         prompt_lengths[side] = int(labelled[0])
     longest = max(len(ids) for ids, _ in sides.values())
+    if longest > max_length and truncation == "drop":
+        return TokenizeError(f"{longest} tokens (prompt and longer response) is over max_length {max_length}")
     cut = min(max(0, longest - max_length), min(prompt_lengths.values()) - 1)
     out, response_cut = {}, False
     for side, (ids, labels) in sides.items():
         ids, labels = ids[cut:], labels[cut:].copy()
         if len(ids) > max_length:
-            if truncation == "drop":
+            if truncation != "truncate":  # prompt_left: the responses stay whole or the pair goes
                 return TokenizeError(f"the {side} response has {len(ids) - prompt_lengths[side] + cut} tokens: "
-                                     f"with a prompt it is over max_length {max_length}")
+                                     f"with a one-token prompt it is over max_length {max_length}")
             ids, labels, response_cut = ids[:max_length], labels[:max_length], True
         labels[0] = IGNORE_INDEX  # as in SFT: the first token is never a target
         out[side] = (ids, labels)

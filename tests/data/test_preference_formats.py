@@ -153,14 +153,23 @@ def test_tokenized_sides_label_only_their_response_and_share_the_prompt(tokenize
 def test_long_pairs_shorten_the_prompt_from_the_left_and_never_empty_a_response(tokenizer):
     long_prompt = {"prompt": [{"role": "user", "content": "one two three four " * 20}], "chosen": "4",
                    "rejected": "five"}
-    [t] = tokenize_pairs([long_prompt], tokenizer, 24, "drop")
-    assert len(t.chosen_input_ids) <= 24 and len(t.rejected_input_ids) <= 24 and t.prompt_cut > 0
+    [full] = tokenize_pairs([long_prompt], tokenizer, 1024, "prompt_left")
+    [t] = tokenize_pairs([long_prompt], tokenizer, 24, "prompt_left")
+    # The longer side is exactly 24 tokens: the prompt lost just what did not fit, from its left.
+    assert max(len(t.chosen_input_ids), len(t.rejected_input_ids)) == 24 and not t.response_cut
+    assert t.prompt_cut == max(len(full.chosen_input_ids), len(full.rejected_input_ids)) - 24 > 0
+    assert t.chosen_input_ids.tolist() == full.chosen_input_ids[t.prompt_cut:].tolist()
     assert response_text(tokenizer, t.chosen_input_ids, t.chosen_labels) == "4<|im_end|>"
     assert response_text(tokenizer, t.rejected_input_ids, t.rejected_labels) == "five<|im_end|>"
     # Both prompts lost the same tokens from the left, so they end the same.
     assert tokenizer.decode(t.chosen_input_ids).endswith("<|im_start|>assistant\n4<|im_end|>\n")
+    # drop keeps no pair over max_length, however short its responses.
+    [too_long] = tokenize_pairs([long_prompt], tokenizer, 24, "drop")
+    assert isinstance(too_long, Exception) and "is over max_length 24" in str(too_long)
     long_answer = {"prompt": [USER], "chosen": "4", "rejected": "no " * 60}
-    [dropped] = tokenize_pairs([long_answer], tokenizer, 24, "drop")
+    # prompt_left never cuts a response: a response that cannot fit whole drops the pair, with the reason.
+    [dropped] = tokenize_pairs([long_answer], tokenizer, 24, "prompt_left")
+    assert isinstance(dropped, Exception)
     assert "the rejected response has" in str(dropped) and "over max_length 24" in str(dropped)
     [cut] = tokenize_pairs([long_answer], tokenizer, 24, "truncate")
     assert cut.response_cut and len(cut.rejected_input_ids) == 24
@@ -177,7 +186,7 @@ def test_fit_pair_leaves_a_fitting_pair_alone():
 
 def test_hh_rlhf_pairs_tokenize_with_non_empty_responses(hh_rlhf, tokenizer):
     kept = [row for outcome, row in read_pairs(hh_rlhf, "hh", "h", "auto", None, 1_000_000) if outcome == "kept"]
-    results = tokenize_pairs(kept[:200], tokenizer, 256, "drop")
+    results = tokenize_pairs(kept[:200], tokenizer, 256, "prompt_left")
     tokenized = [r for r in results if not isinstance(r, Exception)]
     assert len(tokenized) + sum(isinstance(r, Exception) for r in results) == 200
     assert len(tokenized) > 50  # most of the first 200 fit in 256 tokens once prompts are shortened

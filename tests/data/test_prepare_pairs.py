@@ -37,6 +37,8 @@ def pair_file(path) -> str:
     rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})  # identical sides
     rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"})
     rows.append({"prompt": "Say it all.", "chosen": "ok", "rejected": "long " * 200})  # cannot fit: dropped
+    # Fits once its prompt is shortened from the left.
+    rows.append({"prompt": "Read this first. " * 30 + "Then say yes.", "chosen": "yes", "rejected": "no"})
     near = {"prompt": "Tell me about the old river that runs past the village and the mill", "chosen":
             "The river is wide and slow and the mill still turns", "rejected": "I do not know"}
     rows.append(near)
@@ -51,7 +53,7 @@ def prepared(local_ray, model_dir, tmp_path_factory):
     config = validate_config({
         "name": "p", "output_dir": str(tmp / "out"),
         "model": {"path": model_dir, "max_length": SEQ_LEN},
-        "data": {"sources": [{"name": "math", "path": pair_file(tmp / "pairs.jsonl")}], "truncation": "drop",
+        "data": {"sources": [{"name": "math", "path": pair_file(tmp / "pairs.jsonl")}], "truncation": "prompt_left",
                  "validation_fraction": 0.25, "filters": {"quality": None},
                  "dedup": {"near": {}}},
         "train": {"objective": "dpo"}, "dpo": {"batch_size": 3}})
@@ -66,7 +68,7 @@ def rows_of(directory) -> list[dict]:
 def test_every_pair_read_is_kept_or_rejected_with_its_reason(prepared):
     manifest, data_dir = prepared
     counts = manifest["sources"]["math"]
-    assert (counts["read"], counts["kept"], counts["rejected"]) == (18, 14, 4)
+    assert (counts["read"], counts["kept"], counts["rejected"]) == (19, 15, 4)
     reasons = {(r["stage"], r["reason"].split(":")[0], r["count"]) for r in counts["rejects"]}
     assert reasons == {("normalise", "chosen is identical to rejected", 1),
                        ("dedup:exact", "exact duplicate of an earlier pair", 1),
@@ -75,6 +77,14 @@ def test_every_pair_read_is_kept_or_rejected_with_its_reason(prepared):
     splits = manifest["splits"]
     assert splits["train"]["rows"] + splits["validation"]["rows"] == counts["kept"]
     assert splits["validation"]["rows"] > 0
+    # The long prompt was shortened from the left and kept (counted in the report); the long answer was not
+    # cut but dropped.
+    rows = [r for split in ("train", "validation") for r in rows_of(data_dir / split)]
+    long_prompt = max(rows, key=lambda r: r["prompt_tokens"])
+    assert long_prompt["prompt_tokens"] > SEQ_LEN and long_prompt["prompt_cut"] > 0
+    assert long_prompt["chosen_tokens"] >= 2 and long_prompt["rejected_tokens"] >= 2  # "yes"/"no" and end of turn
+    assert sum(split["prompt_shortened"] for split in splits.values()) == sum(r["prompt_cut"] > 0 for r in rows)
+    assert sum(split["response_cut"] for split in splits.values()) == 0
     assert splits["train"]["lengths"]["chosen_tokens"]["min"] >= 2  # an answer and its end of turn
     # The data report shows the length distributions of the prompt and both sides.
     from instune.report.sections import data_sections
@@ -107,7 +117,7 @@ def test_precomputed_reference_logprobs_equal_a_direct_computation(prepared, mod
     _, data_dir = prepared
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rows = rows_of(data_dir / "train") + rows_of(data_dir / "validation")
-    assert len(rows) == 14
+    assert len(rows) == 15
     for row in rows:
         for side in ("chosen", "rejected"):
             expected = direct_logps(model, np.array(row[f"{side}_input_ids"]), np.array(row[f"{side}_labels"]))
