@@ -484,13 +484,16 @@ class PreferenceConfig(Strict):
     """Preference alignment on chosen/rejected pairs (train.objective other than sft); the losses and their
     papers are in instune/train/preference_loss.py."""
 
-    # DPO's β: how far the policy may move from the reference (0.1 in the paper). SimPO uses the same key
-    # for its reward scale, where the paper takes 2.0 to 2.5.
+    # dpo, ipo, cdpo: β, how far the policy may move from the reference (0.1 in the DPO paper).
     beta: float = Field(0.1, gt=0)
     # cdpo only: the assumed probability that a pair's preference label is flipped.
     label_smoothing: float = Field(0.1, ge=0, lt=0.5)
-    # simpo only: the target reward margin γ between chosen and rejected.
-    simpo_gamma: float = Field(0.5, ge=0)
+    # simpo only: β, the scale of its length-normalised reward. Its scale differs from DPO's (a mean token
+    # log-prob, not a log-ratio of sums): the SimPO paper trains with 2.0 to 2.5 and reports 2 to 10 working.
+    simpo_beta: float = Field(2.0, gt=0)
+    # simpo only: the target reward margin as a fraction of β, γ = ratio · simpo_beta; the SimPO authors
+    # tune γ/β rather than γ and recommend 0.5 to start (γ = 1.0 at the default β).
+    simpo_gamma_beta_ratio: float = Field(0.5, ge=0)
     # orpo only: the weight λ of the odds-ratio term added to the chosen side's SFT loss.
     orpo_lambda: float = Field(0.1, gt=0)
     # Where dpo/ipo/cdpo get the frozen reference's log-probs. precompute: computed once in `instune prepare`

@@ -107,8 +107,11 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 def test_preference_settings_are_checked_at_load(tmp_path):
     path = write(tmp_path, MINIMAL)
-    config = load_config(path, ["train.objective=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=1.0"])
-    assert (config.train.objective, config.dpo.beta, config.dpo.simpo_gamma) == ("simpo", 2.0, 1.0)
+    config = load_config(path, ["train.objective=simpo", "dpo.simpo_beta=2.5", "dpo.simpo_gamma_beta_ratio=0.4"])
+    assert (config.train.objective, config.dpo.simpo_beta, config.dpo.simpo_gamma_beta_ratio) == ("simpo", 2.5, 0.4)
+    # SimPO's defaults are its paper's, not DPO's β = 0.1.
+    defaults = load_config(path, ["train.objective=simpo"]).dpo
+    assert (defaults.beta, defaults.simpo_beta, defaults.simpo_gamma_beta_ratio) == (0.1, 2.0, 0.5)
     assert "train.objective" in error_of(path, ["train.objective=kto"])
     assert "dpo.label_smoothing" in error_of(path, ["dpo.label_smoothing=0.5"])
     # The adapter-less reference exists only for LoRA.

@@ -11,7 +11,8 @@ policy (and, for the reference-based losses, under the frozen reference) and the
            (h - 1/(2β))², a squared loss that does not push h to infinity. Sequence log-probabilities (sums),
            as the paper writes it; TRL divides them by the length first.
     simpo  Meng et al. 2024, "SimPO": no reference; the reward is the length-normalised log-probability,
-           -log σ(β/|y_w| log π(y_w|x) - β/|y_l| log π(y_l|x) - γ) with a target margin γ (simpo_gamma).
+           -log σ(β/|y_w| log π(y_w|x) - β/|y_l| log π(y_l|x) - γ) with a target margin γ. Its own β
+           (simpo_beta, 2.0: the paper's range is 2-10, not DPO's 0.1) and γ = simpo_gamma_beta_ratio · β.
     orpo   Hong et al. 2024, "ORPO": no reference; the SFT loss of the chosen side (mean token NLL) plus
            λ · -log σ(log odds(y_w|x) - log odds(y_l|x)), odds(y|x) = P/(1-P) with P the geometric mean
            token probability, exp(log π(y|x)/|y|) (orpo_lambda).
@@ -41,7 +42,8 @@ class PreferenceSettings:
 
     beta: float = 0.1
     label_smoothing: float = 0.1
-    simpo_gamma: float = 0.5
+    simpo_beta: float = 2.0
+    simpo_gamma_beta_ratio: float = 0.5
     orpo_lambda: float = 0.1
     # precompute | adapter_disabled | model (reference_logprobs.py, preference_step.py).
     reference: str = "precompute"
@@ -89,7 +91,9 @@ def pair_losses(objective: str, settings: PreferenceSettings, chosen_logps: torc
     chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
     rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
     if objective == "simpo":
-        losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - settings.simpo_gamma)
+        beta = settings.simpo_beta
+        gamma = settings.simpo_gamma_beta_ratio * beta
+        losses = -F.logsigmoid(beta * (chosen_mean - rejected_mean) - gamma)
         return PairLosses(losses, beta * chosen_mean.detach(), beta * rejected_mean.detach())
     if objective == "orpo":
         chosen_odds, rejected_odds = log_odds(chosen_mean), log_odds(rejected_mean)

@@ -170,12 +170,14 @@ def test_the_dpo_section_and_objective_reach_the_loop_as_a_sweep_trial_sets_them
     from instune.train.trainer import training_run
 
     tree = {"name": "t", "output_dir": "/tmp/t", "data": {"sources": [{"name": "a", "path": "x"}]},
-            "train": {"objective": "ipo"}, "dpo": {"beta": 0.3, "label_smoothing": 0.2, "simpo_gamma": 1.5,
+            "train": {"objective": "ipo"}, "dpo": {"beta": 0.3, "label_smoothing": 0.2, "simpo_beta": 2.5,
+                                                   "simpo_gamma_beta_ratio": 0.6,
                                                    "orpo_lambda": 0.4, "reference": "model",
                                                    "reference_model_path": "/models/ref"}}
     run = training_run(validate_config(tree), "/models/base", rows=100)
     assert run.loop.objective == "ipo"
-    assert run.loop.preference == PreferenceSettings(beta=0.3, label_smoothing=0.2, simpo_gamma=1.5, orpo_lambda=0.4,
+    assert run.loop.preference == PreferenceSettings(beta=0.3, label_smoothing=0.2, simpo_beta=2.5,
+                                                     simpo_gamma_beta_ratio=0.6, orpo_lambda=0.4,
                                                      reference="model", reference_model_path="/models/ref")
     # Through the dict the Ray workers receive.
     assert LoopSettings.from_dict(run.loop.to_dict()) == run.loop

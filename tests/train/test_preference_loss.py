@@ -45,10 +45,25 @@ def test_ipo_is_the_squared_distance_of_h_from_one_over_two_beta():
 
 
 def test_simpo_uses_length_normalised_log_probs_a_margin_and_no_reference():
-    # Chosen: -6 over 3 tokens = -2 per token; rejected: -12 over 4 = -3. β = 2, γ = 0.5: 2 · 1 - 0.5 = 1.5.
-    pairs = pair_losses("simpo", PreferenceSettings(beta=2.0, simpo_gamma=0.5), t(-6.0), t(-12.0), t(3), t(4))
+    # Chosen: -6 over 3 tokens = -2 per token; rejected: -12 over 4 = -3. β = 2, γ/β = 0.25 (γ = 0.5):
+    # 2 · 1 - 0.5 = 1.5.
+    settings = PreferenceSettings(simpo_beta=2.0, simpo_gamma_beta_ratio=0.25)
+    pairs = pair_losses("simpo", settings, t(-6.0), t(-12.0), t(3), t(4))
     assert pairs.losses.item() == pytest.approx(0.2014132779827524)  # -log σ(1.5)
     assert (pairs.chosen_rewards.item(), pairs.rejected_rewards.item()) == pytest.approx((-4.0, -6.0))
+    # DPO's β does not reach SimPO.
+    assert pair_losses("simpo", PreferenceSettings(beta=0.1, simpo_beta=2.0, simpo_gamma_beta_ratio=0.25),
+                       t(-6.0), t(-12.0), t(3), t(4)).losses.item() == pytest.approx(0.2014132779827524)
+
+
+def test_simpo_defaults_are_the_papers_beta_2_and_gamma_half_of_beta():
+    # β = 2.0, γ = 0.5 · 2.0 = 1.0; same pair: 2 · 1 - 1 = 1; -log σ(1) = log(1 + e^-1).
+    pairs = pair_losses("simpo", PreferenceSettings(), t(-6.0), t(-12.0), t(3), t(4))
+    assert pairs.losses.item() == pytest.approx(0.31326168751822286)
+    # β = 10 (the top of the paper's range), γ/β = 0.3: 10 · 1 - 3 = 7; -log σ(7).
+    settings = PreferenceSettings(simpo_beta=10.0, simpo_gamma_beta_ratio=0.3)
+    assert pair_losses("simpo", settings, t(-6.0), t(-12.0), t(3), t(4)).losses.item() == \
+        pytest.approx(0.0009114664537742447)
 
 
 def test_orpo_adds_the_odds_ratio_term_to_the_chosen_nll():

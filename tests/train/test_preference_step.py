@@ -85,7 +85,7 @@ def test_a_fresh_lora_policy_is_its_reference_so_dpo_starts_at_log_2(model_dir, 
 def test_a_few_steps_lower_the_loss_and_dpo_and_simpo_widen_the_margin(model_dir, batch, objective):
     policy = lora_policy(model_dir)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=3e-2)
-    settings = PreferenceSettings(beta=2.0 if objective == "simpo" else 0.5)
+    settings = PreferenceSettings(beta=0.5)  # SimPO keeps its own simpo_beta (2.0)
     first, last, losses = {}, {}, []
     for step in range(12):
         loss = pair_loss_sum(policy, batch, objective, settings, metrics=first if step == 0 else {})
