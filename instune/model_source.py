@@ -58,13 +58,18 @@ def model_cache_dir() -> Path:
 
 def local_model_dir(source: str | os.PathLike, field: str = "model.path") -> str:
     """A local directory holding the model (or adapter, or tokenizer) named by `source`; see the module
-    docstring. A local path comes back unchanged (checked by the caller); fetch errors are UserErrors
-    naming `field`."""
+    docstring. An existing local path comes back unchanged (its contents checked by the caller); a missing one
+    and fetch errors are one-line UserErrors naming `field`."""
     source = str(source)
     if is_uri(source):
         return _fetched(source, field, _copy_from_bucket)
     if is_hub_id(source):
         return _fetched(source, field, _download_from_hub)
+    if not Path(source).expanduser().exists():
+        # Written as a path (./, /, ~, or more than org/name), so never sent to the Hub: say it is missing here
+        # rather than let transformers try it as a repo id and fail in a worker with a long message.
+        raise UserError(f"{field}: {source} does not exist (a local path; a Hub id is org/name, a bucket "
+                        "s3://... or gs://...)")
     return source
 
 

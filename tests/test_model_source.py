@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,26 @@ def test_local_paths_are_never_taken_for_hub_ids(tiny_model_dir, tmp_path):
     assert not is_hub_id("~/models/x")
     assert is_hub_id("Qwen/Qwen2.5-7B-Instruct")
     assert is_hub_id("acme/tiny@v1.0")
+
+
+@pytest.mark.parametrize("written", ["./gone", "~/instune-no-such-dir/model", "/abs/missing/model", "runs/exp1/merged",
+                                     "../gone"])
+def test_a_missing_path_written_as_a_path_is_one_line_naming_the_field(written, monkeypatch):
+    """Never tried on the Hub (that would be a long error from a worker, or a download of another model)."""
+    from instune.base_model import resolve_base_model
+    from instune.config import ModelConfig, ScoreConfig
+    from instune.data.prepare import score_arguments
+    from instune.model_source import local_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it sent to the Hub, the error would say so
+    with pytest.raises(UserError) as e:
+        local_model_dir(written, "model.tokenizer_path")
+    assert str(e.value) == (f"model.tokenizer_path: {written} does not exist (a local path; a Hub id is org/name, "
+                            "a bucket s3://... or gs://...)")
+    with pytest.raises(UserError, match=rf"^model\.path: {re.escape(written)} does not exist \(a local path"):
+        resolve_base_model(ModelConfig(path=written), "/unused")
+    with pytest.raises(UserError, match=rf"^data\.score\.model_path: {re.escape(written)} does not exist"):
+        score_arguments(ScoreConfig(model_path=written), None, "unused", 64, "prompt_left")
 
 
 def upload_dir(local: Path, uri_of) -> str:

@@ -22,7 +22,7 @@ def test_adapter_dirs_are_told_apart_from_models(tiny_model_dir, tiny_adapter_an
 
 def test_check_eval_model_errors_name_the_field_and_problem(tmp_path, tiny_adapter_and_merged):
     adapter_dir, _ = tiny_adapter_and_merged
-    with pytest.raises(UserError, match=r"^--model: .*missing is not a directory"):
+    with pytest.raises(UserError, match=r"^--model: .*missing does not exist \(a local path"):
         check_eval_model(str(tmp_path / "missing"), None)
     moved = tmp_path / "moved_adapter"
     shutil.copytree(adapter_dir, moved)
