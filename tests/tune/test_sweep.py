@@ -92,12 +92,9 @@ def test_sweep_checks_name_the_field_before_ray_starts(tmp_path):
     unknown = dict(tree, sweep={"mix": {"weights": {"tasks_alpaca": 1.0, "tasks_sharegpt": 1.0, "web": 1.0}}})
     with pytest.raises(UserError, match="sweep.mix: no source named web"):
         check_sweep(validated(unknown), validated(unknown).model_dump(mode="json"))
-    no_mix_size = {k: v for k, v in tree["data"].items() if k != "mix_size"}  # refused for pairs itself
-    dpo = dict(tree, data=no_mix_size, train=dict(tree.get("train", {}), objective="dpo"))
-    with pytest.raises(UserError, match="train.objective: a sweep trains on conversations"):
-        check_sweep(validated(dpo), validated(dpo).model_dump(mode="json"))
+    # Preference sweeps: tests/tune/test_sweep_pairs.py.
     swept = dict(tree, sweep={"params": {"train.objective": {"choice": ["sft", "dpo"]}}})
-    with pytest.raises(UserError, match="train.objective: a sweep trains on conversations"):
+    with pytest.raises(UserError, match="train.objective: sft trains on conversations and dpo on preference"):
         check_sweep(validated(swept), validated(swept).model_dump(mode="json"))
 
 
@@ -188,7 +185,11 @@ def curves(sweep_dir: Path, trial: str) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_domain_mix_sweep_with_asha(prepared, tmp_path):
+def test_domain_mix_sweep_with_asha_beside_a_stale_cluster_file(prepared, tmp_path):
+    """ASHA stops the worse mix at its first rung, the results rank and plot both trials, and the best config
+    trains the winning mix. Run as `instune sweep` on a machine whose Ray current-cluster file names a dead
+    port (issue 20 (a)): the stopped trial's CPU is freed by its own cluster's placement-group cleaner,
+    whatever that file names, so the sweep finishes and leaves every CPU free."""
     corpus_dir, _ = prepared
     output_dir = output_dir_with_data(prepared, tmp_path / "out")
     # Two trials, one after the other: string_edit weighted like arithmetic, then left out. Scored in-domain
@@ -199,8 +200,8 @@ def test_domain_mix_sweep_with_asha(prepared, tmp_path):
              "mix": {"by": "domain", "weights": {"arithmetic": 1.0, "string_edit": {"choice": [1.0, 0.0]}}}}
     tree = experiment(output_dir, corpus_dir, sweep)
     tree["eval"]["sets"] = [s for s in tree["eval"]["sets"] if s["name"] != "arithmetic"]
-    config = load_config(write_config(tree, tmp_path / "sweep.yaml"))
-    paths = stages.sweep_stage(config)
+    tree["scaling"]["resource_wait_s"] = 120  # a leaked CPU ends the sweep within minutes, not the test's limit
+    lines = sweep_beside_leftovers("stale", tree, tmp_path)
     sweep_dir = output_dir / "sweep"
 
     rows = {float(r["mix/string_edit"]): r for r in read_rows(sweep_dir)}
@@ -213,10 +214,8 @@ def test_domain_mix_sweep_with_asha(prepared, tmp_path):
     assert int(with_["steps"]) + int(without["steps"]) < len(rows) * MAX_STEPS
 
     # The stopped trial's Train run gave its CPU back; a reserved one would starve every later trial.
-    import ray
-
-    wait_for(lambda: ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], 60,
-             "the stopped trial's CPU to be freed")
+    cpus = cpus_for(validated(tree).scaling)
+    assert lines[-1] == f"free CPUs: {cpus:g} of {cpus:g}"
 
     # The mix matters: at the same step, the model that never saw string_edit is worse on it.
     curve_with, curve_without = curves(sweep_dir, with_["trial"]), curves(sweep_dir, without["trial"])
@@ -233,14 +232,15 @@ def test_domain_mix_sweep_with_asha(prepared, tmp_path):
     assert with_["in_domain_accuracy"] != "" and without["in_domain_accuracy"] == ""
 
     # The best config trains the winning mix as a plain run: one source per domain with its weight.
-    best = load_config(paths.best_config)
+    assert f"[sweep] best config: {sweep_dir / 'best_config.yaml'}" in lines
+    best = load_config(sweep_dir / "best_config.yaml")
     assert best.sweep is None and best.name == "sweep_test-best"
     assert [(s.name, s.format, s.weight) for s in best.data.sources] == \
         [("arithmetic", "openai", 0.5), ("string_edit", "openai", 0.5)]
-    assert "| rank | trial | status | objective |" in paths.results_md.read_text()
-    assert sorted(p.name for p in paths.plots) == ["learning_curves.png", "mix_vs_domains.png",
-                                                   "objective_vs_params.png"]
-    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths.plots)
+    assert "| rank | trial | status | objective |" in (sweep_dir / "results.md").read_text()
+    plots = sorted((sweep_dir / "plots").iterdir())
+    assert [p.name for p in plots] == ["learning_curves.png", "mix_vs_domains.png", "objective_vs_params.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
 
 
 def wait_for(predicate, timeout: float, what: str, process=None):
@@ -364,19 +364,10 @@ def ray_leftovers(kind: str):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("leftover", ["stale", "live"])
-def test_a_sweep_with_early_stops_ignores_other_clusters_on_the_machine(prepared, tmp_path, leftover):
-    """Issue 20: the stopped trial's CPUs are freed by its own cluster's placement-group cleaner, whatever
-    Ray's current-cluster file names; the sweep finishes and leaves every CPU free."""
-    corpus_dir, _ = prepared
-    output_dir = output_dir_with_data(prepared, tmp_path / "out")
-    # Two trials, one after the other: the second's rate is too small to learn, so ASHA stops it at its
-    # first rung (5 steps), and its Train run must give its CPU back.
-    sweep = {"search": "grid", "scheduler": "asha", "objective": "in_domain_loss", "max_concurrent_trials": 1,
-             "grace_steps": LOG_EVERY, "final_eval": False, "params": {"train.lr": {"choice": [3e-3, 1e-6]}}}
-    tree = experiment(output_dir, corpus_dir, sweep, max_steps=2 * LOG_EVERY)
-    tree["scaling"]["resource_wait_s"] = 120  # a leaked CPU ends the sweep within minutes, not the test's limit
+def sweep_beside_leftovers(leftover: str, tree: dict, tmp_path: Path) -> list[str]:
+    """Run `instune sweep` on `tree` (tests/tune/sweep_then_free_cpus.py) with `ray_leftovers(leftover)` on
+    the machine; check it exits 0 and names the leftover in its one line; returns its console lines, the last
+    one "free CPUs: X of Y"."""
     config_path = write_config(tree, tmp_path / "sweep.yaml")
     with ray_leftovers(leftover) as (env, recorded):
         result = subprocess.run([sys.executable, str(REPO / "tests/tune/sweep_then_free_cpus.py"),
@@ -389,6 +380,23 @@ def test_a_sweep_with_early_stops_ignores_other_clusters_on_the_machine(prepared
     else:
         assert any(line.startswith("[ray] started a private Ray cluster") and f"beside the one at {recorded}"
                    in line for line in lines), lines
+    return lines
+
+
+@pytest.mark.slow
+def test_a_sweep_with_early_stops_ignores_a_live_cluster_on_the_machine(prepared, tmp_path):
+    """Issue 20 (b): beside a live `ray start` head, which Ray's current-cluster file names, the sweep starts a
+    private cluster; the stopped trial's CPUs are freed by that cluster's placement-group cleaner, the sweep
+    finishes and leaves every CPU free. (The stale-file case is the domain-mix ASHA sweep above.)"""
+    corpus_dir, _ = prepared
+    output_dir = output_dir_with_data(prepared, tmp_path / "out")
+    # Two trials, one after the other: the second's rate is too small to learn, so ASHA stops it at its
+    # first rung (5 steps), and its Train run must give its CPU back.
+    sweep = {"search": "grid", "scheduler": "asha", "objective": "in_domain_loss", "max_concurrent_trials": 1,
+             "grace_steps": LOG_EVERY, "final_eval": False, "params": {"train.lr": {"choice": [3e-3, 1e-6]}}}
+    tree = experiment(output_dir, corpus_dir, sweep, max_steps=2 * LOG_EVERY)
+    tree["scaling"]["resource_wait_s"] = 120  # a leaked CPU ends the sweep within minutes, not the test's limit
+    lines = sweep_beside_leftovers("live", tree, tmp_path)
     rows = {float(r["train.lr"]): r for r in read_rows(output_dir / "sweep")}
     assert (rows[3e-3]["status"], int(rows[3e-3]["steps"])) == ("finished", 2 * LOG_EVERY)
     assert (rows[1e-6]["status"], int(rows[1e-6]["steps"])) == ("stopped", LOG_EVERY)
