@@ -113,3 +113,16 @@ def s3_uri(s3_endpoint):
         return f"s3://{bucket}/{path.strip('/')}?endpoint_override={s3_endpoint}&scheme=http"
 
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The embedded Llama made tiny (2 layers, hidden 32, vocabulary 400) with its ChatML tokenizer, built once
+    for the session as base_model builds the default: the one small model the data, eval and model-source
+    tests share."""
+    from instune.base_model import tokenizer_training_texts
+    from instune.default.model import ensure_embedded_model
+
+    return ensure_embedded_model(
+        tmp_path_factory.mktemp("tiny_model") / "m", tokenizer_training_texts(per_domain=30), vocab_size=400,
+        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)

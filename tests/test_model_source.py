@@ -16,22 +16,6 @@ from instune.errors import UserError
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved 2-layer Llama (hidden 32) with the embedded ChatML tokenizer."""
-    from instune.base_model import tokenizer_training_texts
-    from instune.default.model import build_model
-    from instune.default.tokenizer import save_tokenizer, train_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = train_tokenizer(tokenizer_training_texts(per_domain=20), vocab_size=320)
-    model = build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                        max_position_embeddings=128, seed=0)
-    model.save_pretrained(str(directory), safe_serialization=True)
-    save_tokenizer(tokenizer, directory)
-    return directory
-
-
 def hub_cache_with(model_dir: Path, cache: Path, repo_id: str) -> Path:
     """Lay `model_dir` out in `cache` as huggingface_hub does: blobs named by content hash, a snapshot of
     relative symlinks per revision, and refs/main naming the revision. Returns the snapshot directory."""

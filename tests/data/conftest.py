@@ -24,3 +24,9 @@ def tiny_vlm(tmp_path_factory):
                                  intermediate_size=128, vocab_size=320)
     texts = ["How many shapes are in the picture? 3", "What colour is the shape? red", "the digit 7"]
     return ensure_embedded_vlm(tmp_path_factory.mktemp("vlm") / "model", texts, settings)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model_dir) -> str:
+    """The shared tiny model (tests/conftest.py) as the path string prepare and the scorers take."""
+    return str(tiny_model_dir)

@@ -20,13 +20,11 @@ import pytest
 import ray
 import ray.data
 
-from instune.base_model import tokenizer_training_texts
 from instune.config import validate_config
 from instune.data.manifest import load_manifest
 from instune.data.prepare import prepare
 from instune.data.splits import stream_train_data
 from instune.data.tokenize import IGNORE_INDEX
-from instune.default.model import ensure_embedded_model
 from instune.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -116,14 +114,6 @@ def write_corpus(root: Path) -> dict:
 def make_config(root: Path, sources: list[dict], **data) -> object:
     return validate_config({"name": "t", "output_dir": str(root / "out"), "model": {"max_length": SEQ_LEN},
                             "data": {"sources": sources, **data}})
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = ensure_embedded_model(
-        tmp_path_factory.mktemp("model") / "m", tokenizer_training_texts(per_domain=30), vocab_size=400,
-        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
-    return str(directory)
 
 
 def test_missing_source_path_fails_before_ray_starts(tmp_path, model_dir, monkeypatch):

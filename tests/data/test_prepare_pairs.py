@@ -11,23 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from instune.base_model import tokenizer_training_texts
 from instune.config import validate_config
 from instune.data.prepare_pairs import prepare_pairs
 from instune.data.tokenize import IGNORE_INDEX
-from instune.default.model import ensure_embedded_model
 
 SEQ_LEN = 64
 # One prepare with its reference actor pool: ~30 s on an idle laptop, more on a busy 2-core machine.
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = ensure_embedded_model(
-        tmp_path_factory.mktemp("model") / "m", tokenizer_training_texts(per_domain=30), vocab_size=400,
-        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
-    return str(directory)
 
 
 def pair_file(path) -> str:

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from instune.base_model import tokenizer_training_texts
 from instune.data.score import (
     SCORE_COLUMN,
     ReferenceScorer,
@@ -24,7 +23,6 @@ from instune.data.score import (
     top_cutoffs,
 )
 from instune.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_batch
-from instune.default.model import ensure_embedded_model
 from instune.train.loop import count_targets, token_loss_sum
 
 
@@ -67,14 +65,6 @@ def test_score_reasons_name_the_metric_and_score():
     assert score_reason("ifd", float("nan"), "a", **common) is None  # unscored records are kept
     lowest = dict(common, highest=False, cutoff=0.5)
     assert score_reason("perplexity", 0.6, "a", **lowest).startswith("perplexity 0.6000 is not in the lowest 50%")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = ensure_embedded_model(
-        tmp_path_factory.mktemp("model") / "m", tokenizer_training_texts(per_domain=30), vocab_size=400,
-        hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=256, seed=0)
-    return str(directory)
 
 
 CONVERSATIONS = [
