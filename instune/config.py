@@ -607,7 +607,11 @@ class MixSweepConfig(Strict):
 
 
 SweepObjective = Literal["in_domain_loss", "out_of_domain_loss", "generalisation_loss", "gap_loss",
-                         "in_domain_accuracy", "out_of_domain_accuracy", "generalisation_accuracy", "gap_accuracy"]
+                         "in_domain_accuracy", "out_of_domain_accuracy", "generalisation_accuracy", "gap_accuracy",
+                         "reward_accuracy", "reward_margin"]
+# Sweep objectives of a preference sweep, measured on the held-out pairs (data.validation_fraction) at every eval
+# while trials train: the fraction whose chosen side gets the higher reward, and the mean reward margin.
+PAIR_SWEEP_OBJECTIVES = ("reward_accuracy", "reward_margin")
 
 
 class SweepConfig(Strict):
@@ -618,7 +622,10 @@ class SweepConfig(Strict):
     mix: MixSweepConfig | None = None
     # Loss: eval loss per eval set at every report. Accuracy: exact match of each finished trial's model.
     # Over the in-domain sets, the out-of-domain sets, all sets (generalisation), or the gap between them
-    # (out-of-domain minus in-domain loss; in-domain minus out-of-domain accuracy).
+    # (out-of-domain minus in-domain loss; in-domain minus out-of-domain accuracy). A preference objective's
+    # sweep may instead score the held-out pairs at every eval: reward_accuracy (comparable across loss
+    # types: a fraction of pairs) or reward_margin (in the trial's own reward units: β-scaled log-ratios for
+    # dpo/ipo/cdpo, SimPO's β-scaled mean log-prob, ORPO's log odds).
     objective: SweepObjective = "in_domain_loss"
     # random and grid: Tune's variant generator; optuna: Optuna's TPE, which models the results so far.
     search: Literal["random", "grid", "optuna"] = "random"
@@ -640,7 +647,7 @@ class SweepConfig(Strict):
     def _consistent(self):
         if not self.params and self.mix is None:
             raise ValueError("nothing to search: give params, mix or both")
-        if self.objective.endswith("_accuracy"):
+        if self.objective.endswith("_accuracy") and self.objective not in PAIR_SWEEP_OBJECTIVES:
             if self.scheduler == "asha":
                 raise ValueError(f"scheduler asha needs results while trials train, but {self.objective} is "
                                  "measured when a trial ends; use scheduler: fifo or a *_loss objective")

@@ -116,7 +116,9 @@ def check_inputs(config: ExperimentConfig) -> None:
         expand_paths(f"eval.sets[{s.name}]", s.path)
 
 
-def prepare_stage(config: ExperimentConfig) -> dict:
+def prepare_stage(config: ExperimentConfig, objectives: list[str] | None = None) -> dict:
+    """`instune prepare`; `objectives`: the preference objectives a sweep trains on these pairs (default
+    train.objective), so the reference log-probs are computed when any of them needs them."""
     from instune.data.manifest import MANIFEST
     from instune.data.prepare import prepare
 
@@ -136,7 +138,8 @@ def prepare_stage(config: ExperimentConfig) -> dict:
     else:
         from instune.data.prepare_pairs import prepare_pairs
 
-        manifest = prepare_pairs(config, tokenizer_path, output_paths(config)["data"], model_path=model_path)
+        manifest = prepare_pairs(config, tokenizer_path, output_paths(config)["data"], model_path=model_path,
+                                 objectives=objectives)
     # Published with the manifest last: readers (load_manifest) take a prefix without it for unfinished.
     publish(config, output_paths(config)["data"], MANIFEST)
     for name, c in manifest["sources"].items():
@@ -433,7 +436,7 @@ def sweep_stage(config: ExperimentConfig):
     """`instune sweep`: prepare the data once (reused while current), then run or resume the sweep of
     `config.sweep` on Ray Tune; returns SweepPaths (results table, best config, plots under output_dir/sweep)."""
     from instune.data.manifest import MANIFEST, load_manifest
-    from instune.tune.sweep import check_sweep, is_prepared_for, run_sweep
+    from instune.tune.sweep import check_sweep, is_prepared_for, run_sweep, swept_objectives
 
     check_sweep(config, config.model_dump(mode="json"))
     check_inputs(config)
@@ -443,7 +446,7 @@ def sweep_stage(config: ExperimentConfig):
     data = published(config, data_dir)
     manifest = load_manifest(data) if storage.is_file(storage.join(data, MANIFEST)) else None
     if manifest is None or not is_prepared_for(manifest, config):
-        manifest = prepare_stage(config)
+        manifest = prepare_stage(config, objectives=swept_objectives(config))
     else:
         # Trials mix from the local files (data/filtered): a bucket's copy is downloaded unless it is here.
         local_copy(config, data_dir, MANIFEST)

@@ -161,8 +161,11 @@ def reject_counts(quarantine: Path) -> dict[str, Counter]:
     return counts
 
 
-def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str | None = None) -> dict:
-    """Run the pair pipeline into `data_dir` (written whole, then renamed); return the manifest."""
+def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str | None = None,
+                  objectives: list[str] | None = None) -> dict:
+    """Run the pair pipeline into `data_dir` (written whole, then renamed); return the manifest. `objectives`:
+    every objective the pairs will train (a sweep's choices; default train.objective): the reference's
+    log-probs are precomputed when one of them needs them."""
     import ray
     import ray.data
 
@@ -178,7 +181,8 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
         for file in expand_paths(source.name, source.path):
             tasks.append({"source": source.name, "domain": source.domain, "format": source.format, "file": file,
                           "field_map": json.dumps(source.field_map) if source.field_map else ""})
-    precompute = uses_reference(objective) and config.dpo.reference == "precompute"
+    with_reference = any(uses_reference(o) for o in (objectives or [objective]))
+    precompute = with_reference and config.dpo.reference == "precompute"
     tokenizer = _tokenizer(tokenizer_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with atomic_dir(data_dir) as tmp:
@@ -248,7 +252,7 @@ def prepare_pairs(config, tokenizer_path: str, data_dir: Path, model_path: str |
         manifest = {"config": config.model_dump(mode="json"), "kind": "preference", "objective": objective,
                     "sources": sources, "splits": splits, "seq_len": config.model.max_length,
                     "tokenizer_path": tokenizer_path,
-                    "reference": "precompute" if precompute else (config.dpo.reference if uses_reference(objective)
+                    "reference": "precompute" if precompute else (config.dpo.reference if with_reference
                                                                   else "none"),
                     "seconds": round(time.time() - started, 1)}
         write_json(tmp / MANIFEST, manifest)

@@ -7,6 +7,9 @@ match of the finished model). Each measure gets four scores, from the sets prese
   generalisation_<m>  mean over every set
   gap_<m>             how much worse out-of-domain is: ood - in-domain loss, or in-domain - ood accuracy
 A gap alone rewards a model that is equally bad everywhere; it is meant beside the others, not instead.
+
+A preference sweep may score its held-out pairs instead: the loop reports `eval_rewards/accuracy` and
+`eval_rewards/margin` at every eval, which become `reward_accuracy` and `reward_margin`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from statistics import fmean
 
 MEASURE_PREFIXES = {"loss": "eval_loss/", "accuracy": "accuracy/"}
 KINDS = ("in_domain", "out_of_domain")
+# Held-out pair scores (config.PAIR_SWEEP_OBJECTIVES) and the loop's metric each is read from.
+PAIR_SCORES = {"reward_accuracy": "eval_rewards/accuracy", "reward_margin": "eval_rewards/margin"}
 
 
 def mode_of(objective: str) -> str:
-    """"max" for accuracies other than the gap, else "min"."""
+    """"max" for accuracies other than the gap and for the pair scores, else "min"."""
+    if objective in PAIR_SCORES:
+        return "max"
     return "max" if objective.endswith("_accuracy") and not objective.startswith("gap_") else "min"
 
 
@@ -45,12 +52,15 @@ def with_objective(metrics: dict, set_kinds: dict[str, str], objective: str) -> 
     out = dict(metrics)
     for measure in MEASURE_PREFIXES:
         out.update(scores(metrics, set_kinds, measure))
+    out.update({score: float(metrics[key]) for score, key in PAIR_SCORES.items() if key in metrics})
     if objective in out:
         out["objective"] = out[objective]
     return out
 
 
 def sets_needed(objective: str) -> tuple[str, ...]:
-    """The eval set kinds an objective cannot be computed without."""
+    """The eval set kinds an objective cannot be computed without (none for the pair scores)."""
+    if objective in PAIR_SCORES:
+        return ()
     scope = objective.rsplit("_", 1)[0]
     return {"in_domain": ("in_domain",), "out_of_domain": ("out_of_domain",), "gap": KINDS}.get(scope, ())

@@ -21,14 +21,14 @@ from ray import tune
 from instune import storage
 from instune.atomic import atomic_dir, write_text
 from instune.report.format import format_cell, markdown_table
-from instune.tune.objective import KINDS, MEASURE_PREFIXES, mode_of, with_objective
+from instune.tune.objective import KINDS, MEASURE_PREFIXES, PAIR_SCORES, mode_of, with_objective
 from instune.tune.trial import ERROR_FILE, FINAL_FILE, SAMPLED_FILE, TRIAL_FILE, TrialPlan, trial_dir_of
 
 if TYPE_CHECKING:
     from instune.config import SweepConfig
 
 SCORE_NAMES = [f"{scope}_{measure}" for measure in MEASURE_PREFIXES
-               for scope in (*KINDS, "generalisation", "gap")]
+               for scope in (*KINDS, "generalisation", "gap")] + list(PAIR_SCORES)
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """The sweep driver (`instune sweep`): check the config, plan the trials, run or resume them on Ray Tune.
 
-The prepared data (`data/filtered/`) is shared; every trial draws its own mixture from it (trial.py).
+The prepared data (`data/filtered/`) is shared; every trial draws its own mixture from it (trial.py). A sweep of
+a preference objective (dpo, ipo, cdpo, simpo, orpo; train.objective may be swept among them) trains every
+trial on the same prepared pairs instead, reference log-probs included (computed once, in prepare, when any
+swept objective needs them), and may score trials on the held-out pairs (sweep.objective reward_accuracy or
+reward_margin).
 Everything the sweep writes is under `<output_dir>/sweep/`:
   sweep_config.yaml   the config this sweep runs; a rerun with another config is refused
   eval_data/          eval sets tokenized for loss during training
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from instune import storage
+from instune.config import PAIR_SWEEP_OBJECTIVES, uses_reference
 from instune.errors import UserError
 from instune.tune.objective import mode_of, sets_needed
 from instune.tune.results import SweepPaths
@@ -44,11 +49,20 @@ def check_sweep(config: ExperimentConfig, tree: dict) -> None:
     if sweep is None:
         raise UserError("sweep: the config has no sweep section; add one (see configs/sweep_quickstart.yaml)")
     check_param_paths(tree, list(sweep.params))
-    # Trials mix and tokenize conversations (data/splits.py); preference pairs would reach the workers as
-    # rows without pairs and fail there, after preparing.
-    if config.train.objective != "sft" or "train.objective" in sweep.params:
-        raise UserError(f"train.objective: a sweep trains on conversations (sft) only, not preference pairs "
-                        f"({config.train.objective}); train a preference objective with `instune train`")
+    objectives = swept_objectives(config)
+    if "sft" in objectives and len(objectives) > 1:
+        raise UserError(f"sweep.params.train.objective: sft trains on conversations and {objectives[-1]} on "
+                        "preference pairs, which are prepared differently; sweep one kind")
+    if (config.train.objective == "sft") != (objectives[0] == "sft"):
+        raise UserError(f"train.objective: {config.train.objective}, but the sweep trains {', '.join(objectives)}; "
+                        "set train.objective to one of them (it decides how the data is prepared)")
+    if objectives != ["sft"]:
+        check_preference_sweep(config)
+    elif sweep.objective in PAIR_SWEEP_OBJECTIVES:
+        raise UserError(f"sweep.objective: {sweep.objective} scores held-out preference pairs, but train.objective "
+                        "is sft; use a loss or accuracy objective")
+    if sweep.objective in PAIR_SWEEP_OBJECTIVES:
+        return
     kinds = {s.kind for s in config.eval.sets}
     if not kinds:
         raise UserError("eval.sets: a sweep scores trials on the eval sets; configure at least one")
@@ -57,6 +71,32 @@ def check_sweep(config: ExperimentConfig, tree: dict) -> None:
         raise UserError(f"sweep.objective: {sweep.objective} needs an eval set of kind {missing[0]} in eval.sets")
     if sweep.mix is not None and sweep.mix.by == "source":
         check_mix_names(mix_names(sweep), [s.name for s in config.data.sources], "source")
+
+
+def swept_objectives(config: ExperimentConfig) -> list[str]:
+    """The train.objective values the sweep's trials train: the swept choices, or the base config's."""
+    space = config.sweep.params.get("train.objective") if config.sweep else None
+    if space is None:
+        return [config.train.objective]
+    if space.choice is None:
+        raise UserError("sweep.params.train.objective: give a choice list of objectives, not a range")
+    return list(space.choice)
+
+
+def check_preference_sweep(config: ExperimentConfig) -> None:
+    """A sweep of preference objectives: what its shared, unmixed pairs allow; raises UserError."""
+    if config.sweep.mix is not None:
+        raise UserError("sweep.mix: preference pairs are not mixed (every trial trains on the prepared pairs); "
+                        "remove sweep.mix")
+    if config.sweep.objective in PAIR_SWEEP_OBJECTIVES and not config.data.validation_fraction:
+        raise UserError(f"sweep.objective: {config.sweep.objective} scores held-out pairs; set "
+                        "data.validation_fraction above 0")
+
+
+def needs_precomputed_reference(config: ExperimentConfig) -> bool:
+    """True when the sweep's prepared pairs must carry the reference's log-probs: a swept objective compares
+    with the reference and dpo.reference is precompute (computed once, in prepare, for every trial)."""
+    return config.dpo.reference == "precompute" and any(uses_reference(o) for o in swept_objectives(config))
 
 
 def check_mix_names(names: list[str], available: list[str], what: str) -> None:
@@ -78,10 +118,17 @@ def check_same_sweep(sweep_dir: str | Path, config_yaml: str) -> None:
 
 
 def is_prepared_for(manifest: dict, config: ExperimentConfig) -> bool:
-    """True when the prepared data was made from the same data and model settings."""
+    """True when the prepared data was made from the same data and model settings (and, for a preference
+    sweep, holds pairs with the reference log-probs the swept objectives need, from the same reference)."""
     made = manifest.get("config", {})
-    return made.get("data") == config.data.model_dump(mode="json") and \
+    same = made.get("data") == config.data.model_dump(mode="json") and \
         made.get("model") == config.model.model_dump(mode="json")
+    if swept_objectives(config) == ["sft"]:
+        return same and manifest.get("kind") != "preference"
+    if not needs_precomputed_reference(config):
+        return same and manifest.get("kind") == "preference"
+    return same and manifest.get("kind") == "preference" and manifest.get("reference") == "precompute" and \
+        made.get("dpo", {}).get("reference_model_path") == config.dpo.reference_model_path
 
 
 def max_concurrent_trials(scaling: ScalingConfig, cluster: dict, configured: int | None) -> int:
@@ -105,6 +152,8 @@ def mixing_inputs(config: ExperimentConfig, manifest: dict, data_dir: Path,
     from instune.tune.domains import rekey_by_domain
 
     mix = config.sweep.mix
+    if manifest.get("kind") == "preference":  # the prepared splits themselves, not mixed (check_preference_sweep)
+        return data_dir, {name: c["kept"] for name, c in manifest["sources"].items()}
     if mix is None or mix.by == "source":
         return data_dir / "filtered", {name: c["kept"] for name, c in manifest["sources"].items()}
     kept = rekey_by_domain(data_dir / "filtered", sweep_dir / "by_domain")
@@ -119,16 +168,20 @@ def trial_plan(config: ExperimentConfig, tree: dict, eval_sets: list, model_path
 
     sweep, m = config.sweep, config.model
     mix = sweep.mix
+    pair_splits = {}
+    if swept_objectives(config) != ["sft"]:
+        pair_splits = {split: str((filtered_dir / split).resolve()) for split in ("train", "validation")
+                       if (filtered_dir / split).is_dir()}
     return TrialPlan(
         base_tree=tree, sweep_dir=str(sweep_dir.resolve()), model_path=model_path, tokenizer_path=tokenizer_path,
         filtered_dir=str(filtered_dir.resolve()), kept=kept, mix_by=mix.by if mix else None,
         mix_names=mix_names(sweep), dirichlet_alpha=mix.dirichlet.alpha if mix and mix.dirichlet else None,
         eval_data=tokenize_eval_sets(eval_sets, tokenizer_path, m.max_length, sweep_dir / "eval_data"),
         set_kinds={s.name: s.kind for s in eval_sets}, objective=sweep.objective,
-        report_while_training=sweep.objective.endswith("_loss"),
+        report_while_training=sweep.objective.endswith("_loss") or sweep.objective in PAIR_SWEEP_OBJECTIVES,
         eval_sets=eval_sets if sweep.final_eval else [],
         eval_settings=eval_settings(config.model, config.eval),
-        sweep_uri=sweep_uri)
+        sweep_uri=sweep_uri, pair_splits=pair_splits)
 
 
 def trial_dirname(trial) -> str:

@@ -1,7 +1,8 @@
 """One sweep trial, as Ray Tune runs it: read top to bottom.
 
   1. the base config with the trial's sampled values, validated (a bad value fails this trial only);
-  2. a mixture drawn with the trial's weights from the records prepared once for the sweep;
+  2. a mixture drawn with the trial's weights from the records prepared once for the sweep (a preference
+     sweep: the prepared pairs, with their reference log-probs, as they are);
   3. one Ray Train run (the Train V2 way inside Tune: this function builds and fits a TorchTrainer), whose
      reports carry the loss on every eval set and reach Tune through `ReportToTune`;
   4. the trained model exported, scored by exact match on every eval set, and reported once more.
@@ -60,6 +61,7 @@ class TrialPlan:
     eval_sets: list = field(default_factory=list)  # EvalSets for exact match at the end; [] skips it
     eval_settings: object = None  # instune.eval.evaluate.EvalSettings
     sweep_uri: str | None = None  # a URI output_dir's sweep/: trials' Train runs and files go there too
+    pair_splits: dict[str, str] = field(default_factory=dict)  # a preference sweep: split -> its prepared pairs
 
 
 class ReportToTune(TuneReportCallback):
@@ -136,6 +138,8 @@ def trial_datasets(config: ExperimentConfig, plan: TrialPlan, weights: dict[str,
 
     d = config.data
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if plan.pair_splits:
+        return pair_datasets(plan)
     # Everything but the mixture (outcome markers, packing, truncation, validation split) as `prepare` would
     # do it from this trial's config. Without a target size a mixture keeps each record once and weights only
     # switch sources on or off; a swept mix is drawn at the size of the prepared data instead, so every trial
@@ -147,6 +151,20 @@ def trial_datasets(config: ExperimentConfig, plan: TrialPlan, weights: dict[str,
     datasets = {"train": train.materialize()}
     if validation is not None:
         datasets["validation"] = validation.materialize()
+    for name, path in plan.eval_data.items():
+        datasets[name] = ray.data.from_arrow(pq.read_table(path))
+    return datasets
+
+
+def pair_datasets(plan: TrialPlan) -> dict:
+    """A preference trial's data: the pairs prepared once for the sweep (train, and validation: the held-out
+    pairs its reward accuracy is measured on), read into the object store, and the eval sets."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from instune.data.raydata import read_parquet
+
+    datasets = {split: read_parquet(path).materialize() for split, path in plan.pair_splits.items()}
     for name, path in plan.eval_data.items():
         datasets[name] = ray.data.from_arrow(pq.read_table(path))
     return datasets
