@@ -94,6 +94,44 @@ def test_a_cluster_not_at_the_address_its_processes_were_given_is_an_error(ray_t
     assert "RAY_ADDRESS" not in os.environ
 
 
+def a_killed_train_run_frees_its_cpus(storage: Path) -> bool:
+    """Whether every CPU is free again within 60 s after the actor driving a Ray Train run (one worker, waiting)
+    is killed while the run's loop runs, as Tune ends a trial that ASHA stops. The run's placement group
+    outlives its controller; Ray Train's placement-group cleaner frees it once the state API says the controller
+    is dead, and it asks the cluster in its RAY_ADDRESS (issue 20: asking another, nothing is ever freed)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Driver:
+        def fit(self, marker: str):
+            import ray.train
+            from ray.train.torch import TorchTrainer
+
+            def loop(config):
+                Path(config["marker"]).touch()
+                time.sleep(600)
+
+            TorchTrainer(loop, train_loop_config={"marker": marker}, scaling_config=ray.train.ScalingConfig(
+                num_workers=1), run_config=ray.train.RunConfig(storage_path=str(storage), name="run")).fit()
+
+    marker = storage / "loop_running"
+    driver = Driver.remote()
+    driver.fit.remote(str(marker))
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the Train run's loop did not start in 180 s"
+        time.sleep(0.5)
+    total = ray.cluster_resources()["CPU"]
+    assert ray.available_resources().get("CPU", 0) < total, "the run's worker holds no CPU"
+    ray.kill(driver)
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
 @pytest.mark.slow  # a private cluster with its dashboard, as a sweep starts it (~25 s): the state API needs it
 def test_a_stale_current_cluster_file_is_noted_and_ignored(ray_tmpdir, tmp_path, capsys, monkeypatch):
     import ray
@@ -167,6 +205,9 @@ def test_beside_a_live_head_a_private_cluster_by_default_and_the_head_with_join(
             f"Ray's logs: {tmp_path / 'private' / 'logs' / 'ray.log'}"]
         # The head is named in the current-cluster file, but workers look up the private cluster.
         assert what_a_worker_sees() == (private, "ALIVE")
+        # And so Ray Train's placement-group cleaner frees a stopped run's CPUs on it (the stale-file case of
+        # this is a whole ASHA sweep, in tests/tune/test_sweep.py).
+        assert a_killed_train_run_frees_its_cpus(tmp_path), "the killed Train run's CPU was not freed in 60 s"
         stop_ray()
 
         # --join, and -v: Ray's own lines come back on the console.

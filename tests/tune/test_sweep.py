@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -184,6 +183,25 @@ def curves(sweep_dir: Path, trial: str) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, lines)}
 
 
+@contextlib.contextmanager
+def stale_cluster_file():
+    """(an environment whose Ray current-cluster file, under a RAY_TMPDIR of its own, names a dead port as a
+    crashed `ray start` cluster leaves it, that address)."""
+    from instune.ray_runtime import unused_port
+
+    # Short: Ray's socket paths under it must stay under 108 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    (temp_dir / "ray").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(temp_dir))
+    recorded = f"127.0.0.1:{unused_port()}"
+    (temp_dir / "ray" / "ray_current_cluster").write_text(recorded)
+    try:
+        yield env, recorded
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_domain_mix_sweep_with_asha_beside_a_stale_cluster_file(prepared, tmp_path):
     """ASHA stops the worse mix at its first rung, the results rank and plot both trials, and the best config
@@ -201,7 +219,14 @@ def test_domain_mix_sweep_with_asha_beside_a_stale_cluster_file(prepared, tmp_pa
     tree = experiment(output_dir, corpus_dir, sweep)
     tree["eval"]["sets"] = [s for s in tree["eval"]["sets"] if s["name"] != "arithmetic"]
     tree["scaling"]["resource_wait_s"] = 120  # a leaked CPU ends the sweep within minutes, not the test's limit
-    lines = sweep_beside_leftovers("stale", tree, tmp_path)
+    config_path = write_config(tree, tmp_path / "sweep.yaml")
+    with stale_cluster_file() as (env, recorded):
+        result = subprocess.run([sys.executable, str(REPO / "tests/tune/sweep_then_free_cpus.py"),
+                                 str(config_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("[ray] ignoring ") and f"it names {recorded}, where no Ray cluster answers" in line
+               for line in lines), lines
     sweep_dir = output_dir / "sweep"
 
     rows = {float(r["mix/string_edit"]): r for r in read_rows(sweep_dir)}
@@ -327,78 +352,3 @@ def test_optuna_search_samples_the_configured_space(ray_cluster, tmp_path):
     assert all(1e-4 <= c["train.lr"] <= 1e-2 and c["peft.r"] in (8, 16) and 5 <= c["train.max_steps"] <= 7
                and c["mix.a"] == 1.0 and 0.0 <= c["mix.b"] <= 1.0 for c in configs)
     assert len({c["train.lr"] for c in configs}) == 4
-
-
-@contextlib.contextmanager
-def ray_leftovers(kind: str):
-    """An environment whose Ray current-cluster file (under a RAY_TMPDIR of its own) names a dead port
-    ("stale") or a live `ray start` head on other ports ("live"), as a crashed or running cluster leaves it."""
-    from instune.ray_runtime import unused_port
-
-    # Short: Ray's socket paths under it must stay under 108 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-    (temp_dir / "ray").mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(temp_dir), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    head = None
-    try:
-        if kind == "stale":
-            (temp_dir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{unused_port()}")
-        else:
-            head = subprocess.Popen(
-                ["ray", "start", "--head", "--block", "--port", str(unused_port()), "--num-cpus", "1",
-                 "--temp-dir", str(temp_dir / "ray"), "--include-dashboard", "false", "--disable-usage-stats",
-                 "--ray-client-server-port", str(unused_port()), "--dashboard-agent-listen-port",
-                 str(unused_port()), "--metrics-export-port", str(unused_port())],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            wait_for(lambda: (temp_dir / "ray" / "ray_current_cluster").is_file(), 120, "the second head", head)
-        yield env, (temp_dir / "ray" / "ray_current_cluster").read_text().strip()
-    finally:
-        if head is not None:  # by pid: `ray stop` would stop every Ray on the machine
-            with contextlib.suppress(psutil.NoSuchProcess):
-                for process in psutil.Process(head.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        process.kill()
-            head.kill()
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def sweep_beside_leftovers(leftover: str, tree: dict, tmp_path: Path) -> list[str]:
-    """Run `instune sweep` on `tree` (tests/tune/sweep_then_free_cpus.py) with `ray_leftovers(leftover)` on
-    the machine; check it exits 0 and names the leftover in its one line; returns its console lines, the last
-    one "free CPUs: X of Y"."""
-    config_path = write_config(tree, tmp_path / "sweep.yaml")
-    with ray_leftovers(leftover) as (env, recorded):
-        result = subprocess.run([sys.executable, str(REPO / "tests/tune/sweep_then_free_cpus.py"),
-                                 str(config_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    if leftover == "stale":
-        assert any(line.startswith("[ray] ignoring ") and f"it names {recorded}, where no Ray cluster answers"
-                   in line for line in lines), lines
-    else:
-        assert any(line.startswith("[ray] started a private Ray cluster") and f"beside the one at {recorded}"
-                   in line for line in lines), lines
-    return lines
-
-
-@pytest.mark.slow
-def test_a_sweep_with_early_stops_ignores_a_live_cluster_on_the_machine(prepared, tmp_path):
-    """Issue 20 (b): beside a live `ray start` head, which Ray's current-cluster file names, the sweep starts a
-    private cluster; the stopped trial's CPUs are freed by that cluster's placement-group cleaner, the sweep
-    finishes and leaves every CPU free. (The stale-file case is the domain-mix ASHA sweep above.)"""
-    corpus_dir, _ = prepared
-    output_dir = output_dir_with_data(prepared, tmp_path / "out")
-    # Two trials, one after the other: the second's rate is too small to learn, so ASHA stops it at its
-    # first rung (5 steps), and its Train run must give its CPU back.
-    sweep = {"search": "grid", "scheduler": "asha", "objective": "in_domain_loss", "max_concurrent_trials": 1,
-             "grace_steps": LOG_EVERY, "final_eval": False, "params": {"train.lr": {"choice": [3e-3, 1e-6]}}}
-    tree = experiment(output_dir, corpus_dir, sweep, max_steps=2 * LOG_EVERY)
-    tree["scaling"]["resource_wait_s"] = 120  # a leaked CPU ends the sweep within minutes, not the test's limit
-    lines = sweep_beside_leftovers("live", tree, tmp_path)
-    rows = {float(r["train.lr"]): r for r in read_rows(output_dir / "sweep")}
-    assert (rows[3e-3]["status"], int(rows[3e-3]["steps"])) == ("finished", 2 * LOG_EVERY)
-    assert (rows[1e-6]["status"], int(rows[1e-6]["steps"])) == ("stopped", LOG_EVERY)
-    cpus = cpus_for(validated(tree).scaling)
-    assert lines[-1] == f"free CPUs: {cpus:g} of {cpus:g}"
