@@ -7,49 +7,22 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from .train_helpers import read_metrics, run_many, run_torchrun, write_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from .train_helpers import arithmetic_pairs, read_metrics, run_many, run_torchrun, write_pairs, write_tiny_model
 
-from instune.data.prepare_pairs import pad_rows
-from instune.data.preference_tokenize import tokenize_pairs
-from instune.data.reference_logprobs import sequence_logps
 from instune.train.loop import CRASH_MARKER_ENV, LoopSettings, run_training
 from instune.train.methods import MethodSettings
 from instune.train.preference_loss import PreferenceSettings
-from instune.train.preference_step import PAIR_COLUMNS
 from instune.train.sessions import FileSession
 
-WIDTH = 40
 STEP_1 = "checkpoints/step-00000001/trainable.safetensors"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("model"))
-
-
-def write_pairs(model_dir, directory, pairs) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenized = tokenize_pairs(pairs, tokenizer, WIDTH, "drop")
-    assert not any(isinstance(t, Exception) for t in tokenized)
-    table = pa.table({name: [getattr(t, name).tolist() for t in tokenized] for name in PAIR_COLUMNS})
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    for side in ("chosen", "rejected"):
-        sequences = [(getattr(t, f"{side}_input_ids"), getattr(t, f"{side}_labels")) for t in tokenized]
-        table = table.append_column(f"ref_{side}_logps", pa.array(sequence_logps(base, sequences, 0, "cpu")))
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pad_rows(table, width=WIDTH, pad_id=tokenizer.pad_token_id), directory / "part-0.parquet")
-    return str(directory / "part-0.parquet")
-
-
-def arithmetic_pairs(numbers) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": f"add {a} and {b}:"}], "chosen": str(a + b),
-             "rejected": str(a + b + 1)} for a, b in numbers]
 
 
 @pytest.fixture(scope="module")

@@ -113,3 +113,62 @@ def test_more_workers_than_the_cluster_has_is_refused_before_training(ray_cluste
     with pytest.raises(UserError, match="1 GPU"):
         run_ray_training(settings_for(tiny_model, 1), {}, num_workers=1, use_gpu=True, cpus_per_worker=1,
                          gpus_per_worker=1, placement_strategy="PACK", storage_dir=tmp_path, run_name="run")
+
+
+def ray_pair_training(settings, train_dir, storage, **kw):
+    """Two Ray Train workers on prepared pairs, read as `instune train` reads them."""
+    return run_ray_training(settings, {"train": read_split(train_dir)}, num_workers=2, use_gpu=False,
+                            cpus_per_worker=1, gpus_per_worker=0, placement_strategy="PACK", storage_dir=storage,
+                            run_name="run", **kw)
+
+
+# Two Ray Train runs of 2 workers (one killed and restarted by Ray Train): ~1 min on 2 idle cores, more when busy.
+@pytest.mark.slow
+def test_dpo_on_two_ray_workers_keeps_pairs_whole_and_a_killed_zero_run_resumes_to_ddps_weights(
+        ray_cluster, crash_marker, tiny_model, tmp_path):
+    """DPO on pairs through Ray Train, 2 workers x 4 pairs a step: DeepSpeed ZeRO-2 killed as step 3 starts and
+    restarted by Ray Train from its step-2 checkpoint, against DDP unbroken. Each pair's reference log-probs
+    are its policy's (a fresh LoRA adapter) plus a per-pair offset (i for chosen, i + 1 for rejected), so every
+    pair's β-scaled margin is exactly β only when its chosen and rejected rows (and their reference values)
+    meet in one forward pass: a pair split across micro-batches or workers, or sides of different pairs
+    matched, would give i' + 1 - i for some i' != i."""
+    import json
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    from instune.train.preference_loss import PreferenceSettings
+
+    from .train_helpers import arithmetic_pairs, write_pairs
+
+    numbers = [(a, b) for a in range(1, 5) for b in range(1, 5)]  # 16 pairs: an epoch is 2 steps of 2 x 4
+    write_pairs(tiny_model, tmp_path / "pairs", arithmetic_pairs(numbers),
+                reference_offsets=[(float(i), float(i + 1)) for i in range(len(numbers))])
+    beta = 0.5
+    common = dict(model_path=str(tiny_model), total_steps=4, micro_batch_size=4, log_every=1, eval_every=None,
+                  checkpoint_every=2, lr=2e-2, warmup_ratio=0.0, objective="dpo",
+                  preference=PreferenceSettings(beta=beta),
+                  method=MethodSettings(method="lora", r=4, alpha=8, dropout=0.0))
+    crash_marker.write_text("3")
+    zero, zero_metrics = ray_pair_training(LoopSettings(**common, **ZERO_2), tmp_path / "pairs", tmp_path / "zero",
+                                           max_failures=1)
+    assert not crash_marker.exists()  # the last worker died as step 3 started
+    ddp, ddp_metrics = ray_pair_training(LoopSettings(**common), tmp_path / "pairs", tmp_path / "ddp")
+
+    first = json.loads(ddp_metrics.read_text().splitlines()[0])
+    assert first["rewards/margin"] == pytest.approx(beta, abs=1e-5) and first["rewards/accuracy"] == 1.0
+    assert first["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-beta))), abs=1e-5)  # -log σ(β), every pair
+    zero_lines = [json.loads(line) for line in zero_metrics.read_text().splitlines()]
+    ddp_lines = [json.loads(line) for line in ddp_metrics.read_text().splitlines()]
+    assert [m["step"] for m in zero_lines] == [1, 2, 3, 4] == [m["step"] for m in ddp_lines]
+    assert [m["loss"] for m in zero_lines] == pytest.approx([m["loss"] for m in ddp_lines], abs=1e-4)
+    assert ddp_lines[-1]["loss"] < ddp_lines[0]["loss"]
+    # The resumed ZeRO-2 run ends with the unbroken DDP run's weights: weights, optimizer state, schedule and
+    # data position all came back.
+    with zero.checkpoint.as_directory() as resumed_dir, ddp.checkpoint.as_directory() as straight_dir:
+        resumed = load_file(f"{resumed_dir}/trainable.safetensors")
+        straight = load_file(f"{straight_dir}/trainable.safetensors")
+    assert resumed.keys() == straight.keys() and resumed
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-4, msg=name)

@@ -74,6 +74,44 @@ def write_packed_rows(directory: Path, rows: int, *, vocab: int = 300, seed: int
     return directory
 
 
+PAIR_WIDTH = 40
+
+
+def arithmetic_pairs(numbers) -> list[dict]:
+    """Preference pairs "add a and b:": the sum chosen, the sum plus one rejected."""
+    return [{"prompt": [{"role": "user", "content": f"add {a} and {b}:"}], "chosen": str(a + b),
+             "rejected": str(a + b + 1)} for a, b in numbers]
+
+
+def write_pairs(model_dir, directory: Path, pairs: list[dict], reference_offsets=None) -> str:
+    """Pairs as prepare_pairs writes them (tokenized, padded to PAIR_WIDTH, with the model's own log-probs as
+    the reference), in one Parquet file; returns its path. `reference_offsets`: (chosen, rejected) added to each
+    pair's reference log-probs, so a fresh adapter is no longer its reference."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instune.data.prepare_pairs import pad_rows
+    from instune.data.preference_tokenize import tokenize_pairs
+    from instune.data.reference_logprobs import sequence_logps
+    from instune.train.preference_step import PAIR_COLUMNS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenized = tokenize_pairs(pairs, tokenizer, PAIR_WIDTH, "drop")
+    assert not any(isinstance(t, Exception) for t in tokenized)
+    table = pa.table({name: [getattr(t, name).tolist() for t in tokenized] for name in PAIR_COLUMNS})
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    for i, side in enumerate(("chosen", "rejected")):
+        sequences = [(getattr(t, f"{side}_input_ids"), getattr(t, f"{side}_labels")) for t in tokenized]
+        logps = sequence_logps(base, sequences, 0, "cpu")
+        if reference_offsets is not None:
+            logps = logps + np.array([offsets[i] for offsets in reference_offsets], dtype=logps.dtype)
+        table = table.append_column(f"ref_{side}_logps", pa.array(logps))
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pad_rows(table, width=PAIR_WIDTH, pad_id=tokenizer.pad_token_id), directory / "part-0.parquet")
+    return str(directory / "part-0.parquet")
+
+
 def run_torchrun(settings, train_dir: Path, output: Path, nproc: int, *, validation_dir: Path | None = None,
                  timeout: int = 300, env: dict | None = None, expect_failure: bool = False
                  ) -> subprocess.CompletedProcess:
