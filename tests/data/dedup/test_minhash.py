@@ -189,14 +189,16 @@ def test_ray_near_dedup_is_global_and_matches_the_plain_version(local_ray):
     assert kept.schema().names == ["id", "source", "domain", "messages", "metadata"]
 
 
-def test_ray_near_dedup_does_not_depend_on_blocks(local_ray):
-    """Chains, edits and unrelated texts in 1 block and in 7: the same kept ids and the same reasons."""
+def test_ray_near_dedup_does_not_depend_on_blocks(local_ray, tmp_path):
+    """Chains, edits and unrelated texts in 1 block (materialized) and in 7 (signatures written to a work
+    directory and read back by the driver, as prepare runs it): the same kept ids and the same reasons."""
     texts = chain_texts() + [random_text(300 + i, 200) for i in range(20)]
     texts += [edited(texts[3 + i], 1 + i % 2) for i in range(10)] + [edited(texts[1], 1)]
     records = [conversation(i, text) for i, text in enumerate(texts)]
     results = []
-    for blocks in (1, 7):
-        kept, rejects = near_dedup(ray.data.from_items(records, override_num_blocks=blocks), threshold=0.8)
+    for blocks, work_dir in ((1, None), (7, str(tmp_path / "near"))):
+        kept, rejects = near_dedup(ray.data.from_items(records, override_num_blocks=blocks), threshold=0.8,
+                                   work_dir=work_dir)
         results.append((sorted(r["id"] for r in kept.take_all()),
                         sorted((r["record"], r["reason"]) for r in rejects.take_all())))
     assert results[0] == results[1]
