@@ -23,18 +23,35 @@ def tokenizer_training_texts(per_domain: int = 400, seed: int = 1234) -> list[st
 
 
 def check_model_dir(path: str, field: str = "model.path") -> Path:
-    """The local HF model directory (config.json plus weights) holding the model `path` names (fetched from
-    the Hub or a bucket first, see model_source.py), or a UserError naming the field."""
+    """The local HF model directory (config.json plus weights) holding the model `path` names (fetched whole
+    from the Hub or a bucket first, see model_source.py), or a UserError naming the field. To check a model that
+    only workers load, check_model_source fetches less."""
     from instune.model_source import local_model_dir
 
     p = Path(local_model_dir(path, field)).expanduser()
-    if not p.is_dir():
+    names = tuple(sorted(f.name for f in p.iterdir())) if p.is_dir() else ()
+    return _checked(path, field, p, names)
+
+
+def check_model_source(path: str, field: str = "model.path") -> str:
+    """`path` checked as check_model_dir does, as workers will get it: a Hub id or bucket URI as it is, checked
+    by its config and file listing without downloading its weights to this node (each worker's node does,
+    model_source.local_model_dir); a local directory resolved. UserError naming the field otherwise."""
+    from instune.model_source import is_remote, model_files
+
+    files = model_files(path, field)
+    checked = _checked(path, field, files.directory, files.names)
+    return path if is_remote(path) else str(checked)
+
+
+def _checked(path: str, field: str, directory: Path, names: tuple[str, ...]) -> Path:
+    if not directory.is_dir():
         raise UserError(f"{field}: {path} is not a directory (expected a Hugging Face model directory)")
-    if not (p / "config.json").is_file():
+    if "config.json" not in names:
         raise UserError(f"{field}: {path} has no config.json, so it is not a Hugging Face model directory")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+    if not any(n.endswith((".safetensors", ".bin")) and "/" not in n for n in names):
         raise UserError(f"{field}: {path} has no weights (*.safetensors or *.bin)")
-    return p.resolve()
+    return directory.resolve()
 
 
 def resolve_base_model(model_config, output_dir: str | Path) -> tuple[str, str]:
@@ -44,10 +61,11 @@ def resolve_base_model(model_config, output_dir: str | Path) -> tuple[str, str]:
     (chat_template.tokenizer_with_template); without it, a tokenizer that has no template is refused here.
     """
     from instune.data.chat_template import has_chat_template, read_template, tokenizer_with_template
-    from instune.model_source import local_model_dir
+    from instune.model_source import model_files
 
     model, tokenizer = resolve_model_sources(model_config, output_dir)
-    local = local_model_dir(tokenizer, "model.tokenizer_path" if model_config.tokenizer_path else "model.path")
+    # The tokenizer's files only: a Hub or bucket model's weights are fetched by the workers' nodes.
+    local = model_files(tokenizer, "model.tokenizer_path" if model_config.tokenizer_path else "model.path").directory
     if model_config.chat_template:
         return model, tokenizer_with_template(local, read_template(model_config.chat_template),
                                               Path(output_dir) / "tokenizer")
@@ -61,16 +79,15 @@ def resolve_model_sources(model_config, output_dir: str | Path) -> tuple[str, st
     """(model source, tokenizer source), building the embedded default under `output_dir/base_model` if unset.
 
     A local directory comes back resolved; a Hub id or a bucket URI comes back as it is, after this node has
-    fetched and checked it: workers on other nodes fetch it from the same source (model_source.py).
+    checked its config and file listing (check_model_source): the workers' nodes fetch it (model_source.py).
     """
-    from instune.model_source import is_remote, local_model_dir
+    from instune.model_source import is_remote, model_files
 
     if model_config.path:
-        model = check_model_dir(model_config.path)
-        model_source = model_config.path if is_remote(model_config.path) else str(model)
+        model_source = check_model_source(model_config.path)
         if not model_config.tokenizer_path:
             return model_source, model_source
-        tokenizer = Path(local_model_dir(model_config.tokenizer_path, "model.tokenizer_path")).expanduser()
+        tokenizer = model_files(model_config.tokenizer_path, "model.tokenizer_path").directory
         if not tokenizer.is_dir():
             raise UserError(f"model.tokenizer_path: {tokenizer} is not a directory")
         tokenizer_source = model_config.tokenizer_path if is_remote(model_config.tokenizer_path) \

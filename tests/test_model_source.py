@@ -105,6 +105,22 @@ def test_hub_id_missing_from_the_offline_cache_is_one_line_naming_the_field(offl
     assert "HF_HUB_OFFLINE is set" in message and "\n" not in message
 
 
+def test_a_hub_model_is_checked_by_its_files_and_listing_without_its_weights(offline_hub, tmp_path):
+    """The driver checks a Hub model by its config, tokenizer and file names; the weights are the workers'
+    nodes' to fetch. Offline the listing is the cache's, so a cache without the weights is refused here."""
+    from instune import model_source
+    from instune.base_model import resolve_base_model
+    from instune.config import ModelConfig
+
+    files = model_source.model_files("acme/tiny-chat")
+    assert files.directory == offline_hub
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(files.names)
+    (offline_hub / "model.safetensors").resolve().unlink()  # the blob: the snapshot's link now leads nowhere
+    model_source._fetched_once.cache_clear()
+    with pytest.raises(UserError, match=r"^model\.path: acme/tiny-chat has no weights \(\*\.safetensors or \*\.bin\)$"):
+        resolve_base_model(ModelConfig(path="acme/tiny-chat"), tmp_path)
+
+
 def test_eval_model_and_scoring_reference_accept_a_hub_id(offline_hub, tiny_model_dir):
     from instune.config import ScoreConfig
     from instune.data.prepare import score_arguments
@@ -192,6 +208,26 @@ def test_s3_model_is_copied_once_then_reused_until_the_bucket_changes(s3_uri, mo
     assert model_source.local_model_dir(uri) == str(copy)
     assert "copying" in capsys.readouterr().out
     assert (copy / "generation_config.json").read_text() == '{"do_sample": false, "max_length": 20}\n'
+
+
+def test_a_bucket_model_is_checked_on_the_driver_without_copying_its_weights(s3_uri, model_cache, tiny_model_dir,
+                                                                            tmp_path):
+    from instune.base_model import resolve_base_model
+    from instune.config import ModelConfig, ScoreConfig
+    from instune.data.prepare import score_arguments
+    from instune.eval.load import check_eval_model
+    from instune.model_source import local_model_dir
+
+    uri = upload_dir(tiny_model_dir, s3_uri)
+    assert resolve_base_model(ModelConfig(path=uri), tmp_path) == (uri, uri)
+    assert check_eval_model(uri, None) == uri
+    assert score_arguments(ScoreConfig(model_path=uri), None, "unused", 64, "prompt_left")["model_path"] == uri
+    # Checked by the listing; the driver's node holds the config and the tokenizer, not the weights.
+    [checked] = [p for p in model_cache.iterdir() if p.is_dir()]
+    assert (checked / "config.json").is_file() and (checked / "tokenizer.json").is_file()
+    assert list(model_cache.rglob("*.safetensors")) == []
+    # A worker's node copies the whole model, weights included.
+    assert [p.name for p in Path(local_model_dir(uri)).glob("*.safetensors")] == ["model.safetensors"]
 
 
 def test_missing_bucket_model_is_one_line_naming_the_field(s3_uri, model_cache):

@@ -166,9 +166,9 @@ def token_counter(tokenizer_path: str, filters: FilterConfig):
         return None
     from transformers import AutoTokenizer
 
-    from instune.model_source import local_model_dir
+    from instune.model_source import model_files
 
-    tokenizer = AutoTokenizer.from_pretrained(local_model_dir(tokenizer_path))
+    tokenizer = AutoTokenizer.from_pretrained(model_files(tokenizer_path).directory)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -176,15 +176,14 @@ def score_arguments(score: ScoreConfig, model_path: str | None, tokenizer_path: 
                     truncation: str) -> dict:
     """Keyword arguments of `score.score_dataset` from `data.score`; the model defaults to the run's base model."""
     if score.model_path:
-        from instune.base_model import check_model_dir
-        from instune.model_source import is_remote
+        from instune.base_model import check_model_source
+        from instune.model_source import model_files
 
-        local = check_model_dir(score.model_path, "data.score.model_path")
-        if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        # A Hub id or bucket URI goes to the scoring actors as it is: each node fetches it (model_source.py).
+        path = tokenizer = check_model_source(score.model_path, "data.score.model_path")
+        if not {"tokenizer.json", "tokenizer_config.json"} & set(model_files(path).names):
             raise UserError(f"data.score.model_path: {score.model_path} has no tokenizer files "
                             "(tokenizer.json or tokenizer_config.json)")
-        # A Hub id or bucket URI goes to the scoring actors as it is: each node fetches it (model_source.py).
-        path = tokenizer = score.model_path if is_remote(score.model_path) else str(local)
     elif model_path:
         path, tokenizer = model_path, tokenizer_path
     else:

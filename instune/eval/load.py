@@ -9,20 +9,20 @@ import json
 from pathlib import Path
 
 from instune.errors import UserError
-from instune.model_source import is_remote, local_model_dir
+from instune.model_source import is_remote, local_model_dir, model_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def is_adapter_dir(path: str | Path, field: str = "--model") -> bool:
-    return (Path(local_model_dir(path, field)) / ADAPTER_CONFIG).is_file()
+    return (model_files(path, field).directory / ADAPTER_CONFIG).is_file()
 
 
 def adapter_base_path(adapter_dir: str | Path, base_model_path: str | None, field: str = "--model") -> str:
     """The base model an adapter applies to: `base_model_path` if given, else the one its config names."""
     if base_model_path:
         return base_model_path
-    config_file = Path(local_model_dir(adapter_dir, field)) / ADAPTER_CONFIG
+    config_file = model_files(adapter_dir, field).directory / ADAPTER_CONFIG
     try:
         named = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as e:
@@ -36,18 +36,19 @@ def adapter_base_path(adapter_dir: str | Path, base_model_path: str | None, fiel
 def check_eval_model(path: str, base_model_path: str | None, field: str = "--model") -> str:
     """Check before Ray starts that `path` is a model or adapter we can open (fetching a Hub id or a bucket to
     this node); return it resolved, or as it is when remote."""
-    from instune.base_model import check_model_dir
+    from instune.base_model import check_model_source
 
-    p = Path(local_model_dir(path, field)).expanduser()
+    # Config files and the file listing only: the eval actors' nodes fetch a Hub or bucket model's weights.
+    files = model_files(path, field)
+    p = files.directory
     if not p.is_dir():
         raise UserError(f"{field}: {path} is not a directory (expected a model or a PEFT adapter directory)")
     if is_adapter_dir(p):
-        if not any(p.glob("adapter_model.*")):
+        if not any(n.startswith("adapter_model.") for n in files.names):
             raise UserError(f"{field}: {path} has {ADAPTER_CONFIG} but no adapter_model.safetensors or .bin")
-        check_model_dir(adapter_base_path(p, base_model_path, field), field)
+        check_model_source(adapter_base_path(p, base_model_path, field), field)
         return path if is_remote(path) else str(p.resolve())
-    checked = check_model_dir(str(p), field)
-    return path if is_remote(path) else str(checked)
+    return check_model_source(path, field)
 
 
 def load_model_and_tokenizer(model_path: str, base_model_path: str | None, dtype: str, device: str,

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from instune.errors import UserError
-from instune.model_source import local_model_dir
+from instune.model_source import model_files
 
 
 def model_parameter_names(model_path: str) -> list[str]:
@@ -36,14 +36,14 @@ def model_parameter_names(model_path: str) -> list[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local_model_dir(model_path)))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_files(model_path).directory))
     return [name for name, _ in model.named_parameters()]
 
 
 def num_decoder_layers(model_path: str) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(local_model_dir(model_path)).num_hidden_layers
+    return AutoConfig.from_pretrained(model_files(model_path).directory).num_hidden_layers
 
 
 def check_training_plan(settings, packed: bool | None) -> None:
