@@ -82,10 +82,11 @@ NOT_IN_RUN_SETTINGS = {
 
 
 def training_run(config: ExperimentConfig, model_path: str, rows: int,
-                 eval_datasets: list[str] | tuple[str, ...] = ()) -> TrainingRun:
+                 eval_datasets: list[str] | tuple[str, ...] = (), run_name: str | None = None) -> TrainingRun:
     """The loop's and Ray Train's settings for training `model_path` on `rows` training rows (0 when unknown
     before training: then train.max_steps must be set). The one path from config to training, for `instune
-    train` and for each sweep trial; `eval_datasets`: more datasets whose loss is reported by name."""
+    train` and for each sweep trial; `eval_datasets`: more datasets whose loss is reported by name;
+    `run_name`: the trackers' run name (default the config's name; a sweep trial's adds its trial id)."""
     t, s = config.train, config.scaling
     total_steps = steps_for(rows, s.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     sections = {name: getattr(config, name) for name in RUN_SECTIONS}
@@ -94,7 +95,8 @@ def training_run(config: ExperimentConfig, model_path: str, rows: int,
     loop = settings_from(LoopSettings, sections, RENAMED, model_path=model_path, total_steps=total_steps,
                          method=method, eval_every=t.eval_every or t.log_every, eval_datasets=list(eval_datasets),
                          preference=preference)
-    tracking = Tracking(report_to=list(t.report_to), name=config.name, config=config.model_dump(mode="json"),
+    tracking = Tracking(report_to=list(t.report_to), name=run_name or config.name,
+                        config=config.model_dump(mode="json"),
                         attachments={"resolved_config.yaml": config_to_yaml(config)})
     return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED), tracking)
 

@@ -79,6 +79,11 @@ class ReportToTune(TuneReportCallback):
             super().after_report(run_context, [scored, *metrics[1:]], checkpoint)
 
 
+def trial_run_name(name: str, trial_id: str) -> str:
+    """A trial's run name in the trackers: the experiment's name and the Tune trial id (its directory's name)."""
+    return f"{name}-{trial_id}"
+
+
 def trial_dir_of(sweep_dir: str | Path, trial_id: str) -> Path:
     return Path(sweep_dir) / TRIALS_DIR / trial_id
 
@@ -181,7 +186,9 @@ def train_and_evaluate(sampled: dict, plan: TrialPlan, trial_dir: Path, trial_ur
 
     # The same run as `instune train`, max_failures and keep_checkpoints included: a worker lost inside a
     # trial restarts from the trial's own latest checkpoint, which is what a user who set them asked for.
-    run = training_run(config, plan.model_path, datasets["train"].count(), eval_datasets=list(plan.eval_data))
+    # Each trial its own tracker run name (W&B, MLflow), so trials are told apart there as in the trial table.
+    run = training_run(config, plan.model_path, datasets["train"].count(), eval_datasets=list(plan.eval_data),
+                       run_name=trial_run_name(config.name, trial_dir.name))
     callbacks = (ReportToTune(plan.set_kinds, plan.objective),) if plan.report_while_training else ()
     print(f"[sweep] trial {trial_dir.name}: {overrides} mix {weights}, {run.loop.total_steps} steps", flush=True)
     outputs = train_and_export(run, datasets, plan.tokenizer_path, storage_dir=trial_dir / "train",

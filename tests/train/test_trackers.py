@@ -159,6 +159,12 @@ def test_training_run_attaches_the_resolved_config_and_stages_add_the_data_repor
     assert run.tracking.report_to == ["mlflow"] and run.tracking.name == "exp"
     assert run.tracking.attachments == {"resolved_config.yaml": config_to_yaml(c)}
     assert run.tracking.config["train"]["max_steps"] == 3
+    # A sweep trial's run is named by its trial too: trials sharing one W&B/MLflow project stay apart.
+    from instune.tune.trial import trial_run_name
+
+    trials = [training_run(c, "/models/base", rows=0, run_name=trial_run_name(c.name, trial_id))
+              for trial_id in ("a1b2c_00000", "a1b2c_00001")]
+    assert [t.tracking.name for t in trials] == ["exp-a1b2c_00000", "exp-a1b2c_00001"]
 
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.md").write_text(REPORT_MD)
