@@ -783,6 +783,10 @@ class VlmDataConfig(Strict):
     eval_sources: list[MultimodalSourceConfig] = []
     images: ImageLimitsConfig = ImageLimitsConfig()
     dedup_exact: bool = True
+    # Share of image-text examples among the training examples; the rest are text-only instruction examples of
+    # the embedded text corpus (instune/default/corpus.py, needs `corpus`). The training set keeps as many
+    # examples as there are image-text ones, so every share trains on the same number of examples and steps.
+    multimodal_share: float = Field(1.0, ge=0, le=1)
 
 
 class VlmTrainConfig(Strict):
@@ -803,6 +807,17 @@ class VlmEvalConfig(Strict):
     max_new_tokens: int = Field(8, gt=0)
 
 
+class VlmSweepConfig(Strict):
+    """Ray Tune trials of the VLM experiment (instune/tune/vlm_sweep.py): the base model, data and before-scores are
+    made once; each trial trains with its values and scores the in-domain/out-of-domain gap after."""
+
+    # Dotted config path -> range; a choice list is a grid axis, e.g. {"data.multimodal_share": {choice: [0, 0.5, 1]}}.
+    params: dict[str, SearchSpaceConfig]
+    # Repeats of the grid (each draw of the other ranges is one more trial).
+    num_samples: int = Field(1, gt=0)
+    seed: int = 0
+
+
 class VlmExperimentConfig(Strict):
     """`instune vlm CONFIG`: prepare image-text data, evaluate, train, evaluate again (vlm_run.py)."""
 
@@ -816,11 +831,17 @@ class VlmExperimentConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     strategy: StrategyConfig = StrategyConfig()
     eval: VlmEvalConfig = VlmEvalConfig()
+    sweep: VlmSweepConfig | None = None
 
     @model_validator(mode="after")
     def _has_data(self):
         if self.corpus is None and not (self.data.sources and self.data.eval_sources):
             raise ValueError("data.sources and data.eval_sources are needed when there is no corpus")
+        mixed = self.data.multimodal_share < 1 or (self.sweep is not None and
+                                                     "data.multimodal_share" in self.sweep.params)
+        if mixed and self.corpus is None:
+            raise ValueError("data.multimodal_share: the text-only examples come from the embedded corpus; "
+                             "set `corpus` or leave the share at 1")
         return self
 
 

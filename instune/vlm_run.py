@@ -16,7 +16,12 @@ from instune.config import VlmExperimentConfig
 
 
 def run_vlm(config: VlmExperimentConfig) -> dict:
-    """Run every step into `config.output_dir`; return the results (also in results.json)."""
+    """Run every step into `config.output_dir`; return the results (also in results.json). A config with a
+    `sweep` section runs the sweep instead (instune/tune/vlm_sweep.py)."""
+    if config.sweep is not None:
+        from instune.tune.vlm_sweep import run_vlm_sweep
+
+        return run_vlm_sweep(config)
     from instune.data.images import ImageLimits
     from instune.data.prepare_multimodal import prepare_multimodal
     from instune.ray_runtime import start_ray, stop_ray
@@ -65,9 +70,47 @@ def plan_data(config: VlmExperimentConfig):
                                       corpus.eval_per_domain, corpus.seed)
         sources = sources or [MultimodalSource("image_tasks", "mixed", "llava", [str(files.train)])]
         eval_sources = eval_sources or [MultimodalSource(d, d, "llava", [str(p)]) for d, p in files.eval.items()]
+        if mixes_text(config):
+            from instune.default.image_tasks import write_text_tasks
+
+            # As many text-only examples as image-text ones: enough for any share (training_rows).
+            text = write_text_tasks(corpus.dir, corpus.train_per_domain * len(corpus.in_domain), corpus.seed)
+            sources.append(MultimodalSource(TEXT_SOURCE, "text", "llava", [str(text)]))
         in_domain = config.eval.in_domain or list(corpus.in_domain)
         out_of_domain = config.eval.out_of_domain or list(corpus.out_of_domain)
     return sources, eval_sources, in_domain, out_of_domain
+
+
+# The source of the text-only examples that data.multimodal_share mixes in.
+TEXT_SOURCE = "text_tasks"
+
+
+def mixes_text(config: VlmExperimentConfig) -> bool:
+    """Whether the prepared data needs the text-only examples: a share under 1, or a sweep over the share."""
+    swept = config.sweep is not None and "data.multimodal_share" in config.sweep.params
+    return config.data.multimodal_share < 1 or swept
+
+
+def training_rows(tokenized_dir: Path, multimodal_share: float, seed: int):
+    """The training rows (a pyarrow Table) for a share of image-text rows: as many rows as there are image-text
+    ones, round(share * n) of them image-text and the rest text-only, in a seeded random order (the loop reads
+    Ray Data shards in order)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tokenized_dir)
+    is_text = pc.equal(table["source"], TEXT_SOURCE)
+    image_rows, text_rows = table.filter(pc.invert(is_text)), table.filter(is_text)
+    n = image_rows.num_rows
+    take_images = round(multimodal_share * n)
+    assert text_rows.num_rows >= n - take_images, \
+        f"{text_rows.num_rows} text-only rows in {tokenized_dir}, {n - take_images} needed"
+    # The first rows of each kind: a larger share keeps the smaller share's image rows, so trials differ only
+    # in what the share changes.
+    mixed = pa.concat_tables([image_rows.slice(0, take_images), text_rows.slice(0, n - take_images)])
+    return mixed.take(np.random.default_rng(seed).permutation(mixed.num_rows))
 
 
 def base_model(config: VlmExperimentConfig, eval_sources) -> str:
@@ -128,8 +171,9 @@ def gaps(results: dict, in_domain: list[str], out_of_domain: list[str]) -> dict:
     return domain_gap(results, in_domain, out_of_domain) if results else {}
 
 
-def train(config: VlmExperimentConfig, model_dir: str, out: Path) -> Path:
-    """Train on the tokenized rows with Ray Train; return the exported merged model directory."""
+def train(config: VlmExperimentConfig, model_dir: str, out: Path, data_dir: Path | None = None) -> Path:
+    """Train on the tokenized rows under `data_dir` (default out/data), mixed by data.multimodal_share when
+    they hold text-only examples, with Ray Train into `out`; return the exported merged model directory."""
     from instune.data.raydata import read_parquet
     from instune.train.export import export_model
     from instune.train.loop import LoopSettings
@@ -144,8 +188,15 @@ def train(config: VlmExperimentConfig, model_dir: str, out: Path) -> Path:
                             offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
                             deepspeed=dict(s.deepspeed), use_gpu=config.scaling.use_gpu,
                             train_vision_tower=config.model.train_vision_tower)
+    tokenized = (data_dir or out / "data") / "tokenized"
+    if mixes_text(config):
+        import ray.data
+
+        rows = ray.data.from_arrow(training_rows(tokenized, config.data.multimodal_share, t.seed))
+    else:
+        rows = read_parquet(tokenized)
     sc = config.scaling
-    result, _ = run_ray_training(settings, {"train": read_parquet(out / "data" / "tokenized")},
+    result, _ = run_ray_training(settings, {"train": rows},
                                  num_workers=sc.num_workers, use_gpu=sc.use_gpu, cpus_per_worker=sc.cpus_per_worker,
                                  gpus_per_worker=sc.gpus_per_worker, placement_strategy=sc.placement_strategy,
                                  storage_dir=out / "train", run_name="run")

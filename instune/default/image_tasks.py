@@ -194,3 +194,25 @@ def _write(directory: Path, record_id: str, task: ImageTask, domain: str) -> dic
     # Paths are relative to the JSON file that names them (all JSON files sit beside images/).
     (directory / "images" / f"{record_id}.png").write_bytes(png_bytes(task.image))
     return llava_record(record_id, f"images/{record_id}.png", task, domain)
+
+
+# The text-only instruction tasks mixed in by data.multimodal_share: the embedded text corpus's in-domain kinds.
+TEXT_TASKS_FILE = "text_tasks.json"
+
+
+def write_text_tasks(out_dir: str | Path, count: int, seed: int = 0) -> Path:
+    """Write `count` text-only LLaVA records (no image, no placeholder) of the embedded text corpus's arithmetic,
+    list and string tasks to out_dir/text_tasks.json, domain "text"; returns the file."""
+    from instune.atomic import write_text
+    from instune.default.corpus import make_arithmetic, make_list_ops, make_string_edit
+
+    rng = random.Random(f"{seed}:text")
+    records = []
+    for i in range(count):
+        instruction, input_, answer = rng.choice((make_arithmetic, make_list_ops, make_string_edit))(rng)
+        prompt = f"{instruction}\n{input_}" if input_ else instruction
+        records.append({"id": f"text-train-{i}", "domain": "text",
+                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+    path = Path(out_dir) / TEXT_TASKS_FILE
+    write_text(path, json.dumps(records))
+    return path
