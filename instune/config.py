@@ -790,7 +790,7 @@ class VlmDataConfig(Strict):
 
 
 class VlmTrainConfig(Strict):
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)  # 2e-3 made the embedded VLM collapse to one answer (vlm_quickstart.yaml)
     max_steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(8, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
