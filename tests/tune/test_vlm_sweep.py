@@ -84,3 +84,18 @@ def test_two_trials_over_the_share_report_the_gap_before_and_after(tmp_path):
     # Prepared once for both trials: 16 image-text rows, and as many text-only ones for any share.
     data = json.loads((out / "data/manifest.json").read_text())["sources"]
     assert data["image_tasks"]["tokenized"] == 16 and data["text_tasks"]["tokenized"] == 16
+
+
+def test_the_table_has_one_row_per_trial_with_each_gap_before_and_after():
+    from instune.tune.vlm_sweep import sweep_table
+
+    scores = {"count": {"exact_match": 0.5}, "colour": {"exact_match": 0.75}, "digit": {"exact_match": 0.25}}
+    results = {"params": ["data.multimodal_share"], "in_domain": ["count", "colour"], "out_of_domain": ["digit"],
+               "gap_before": {"exact_match": 0.0, "i2t_r1": -0.1},
+               "trials": [{"values": {"data.multimodal_share": 0.5}, "after": scores,
+                           "gap_after": {"exact_match": 0.375, "i2t_r1": 0.2}}]}
+    header, _, row = sweep_table(results).splitlines()
+    assert header.split(" | ")[:4] == ["| data.multimodal_share", "exact_match in", "exact_match out",
+                                       "gap exact_match (before -> after)"]
+    assert [c.strip() for c in row.strip("|").split("|")] == ["0.5", "0.625", "0.25", "+0.00 -> +0.38",
+                                                               "-0.10 -> +0.20", "-", "-", "-"]
