@@ -290,6 +290,18 @@ def run_cli(config_path: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def terminated_in_saved_state(tune_dir: Path) -> set[str]:
+    """Ids of the trials Tune's saved experiment state has as TERMINATED (none while it is being written)."""
+    ended = set()
+    for path in tune_dir.glob("experiment_state-*.json"):
+        try:
+            trials = [json.loads(state) for state, _ in json.loads(path.read_text())["trial_data"]]
+        except (OSError, ValueError):
+            continue
+        ended.update(t["trial_id"] for t in trials if t.get("status") == "TERMINATED")
+    return ended
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(prepared, tmp_path):
     corpus_dir, _ = prepared
@@ -303,8 +315,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(prepared, tmp_pa
     first = run_cli(config_path, tmp_path / "first.log")
     try:
         wait_for(lambda: any(trials_dir.glob(f"*/{FINAL_FILE}")), 900, "the first trial to finish", first)
-        # Tune saves its experiment state within a second of a trial ending (TUNE_GLOBAL_CHECKPOINT_S=1).
-        time.sleep(5)
+        # Killed once Tune's saved experiment state (what a resume reads) has that trial ended: Tune saves it
+        # within a second or so of a trial ending (TUNE_GLOBAL_CHECKPOINT_S=1).
+        [finished] = [p.parent.name for p in trials_dir.glob(f"*/{FINAL_FILE}")]
+        wait_for(lambda: finished in terminated_in_saved_state(output_dir / "sweep" / "tune"), 60,
+                 "Tune to save the finished trial", first)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
