@@ -33,8 +33,9 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
 
 
-def read_image_bytes(reference, base_dir: str) -> bytes:
-    """The bytes an image reference names; ImageError says which reference is missing or unreadable."""
+def image_reference(reference) -> str | bytes:
+    """The image a record names: its bytes, or a path (relative to the record's file) or URI, not yet read;
+    ImageError for a reference that names no image."""
     if isinstance(reference, (bytes, bytearray)):
         return bytes(reference)
     if isinstance(reference, dict):  # Hugging Face datasets' Image feature: {bytes, path}
@@ -43,6 +44,14 @@ def read_image_bytes(reference, base_dir: str) -> bytes:
         reference = reference.get("path")
     if not isinstance(reference, str) or not reference.strip():
         raise ImageError(f"image reference is {type(reference).__name__}, expected a path, URI or base64 data")
+    return reference
+
+
+def read_image_bytes(reference, base_dir: str) -> bytes:
+    """The bytes an image reference names; ImageError says which reference is missing or unreadable."""
+    reference = image_reference(reference)
+    if isinstance(reference, bytes):
+        return reference
     if reference.startswith("data:"):
         header, _, payload = reference.partition(",")
         if ";base64" not in header:

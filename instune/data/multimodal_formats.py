@@ -10,7 +10,9 @@ Formats (a multimodal source's `format`):
 Parquet files hold either shape, with the images' bytes in `images` (a list of bytes or {bytes, path}).
 
 `to_multimodal` turns each raw item into a kept record (schema.make_record plus `images`: the resized PNG
-bytes, and `images_digest`: the digest of the original bytes, for exact dedup) or a reject with its stage:
+bytes, and `images_digest`: the digest of the original bytes, for exact dedup) or a reject with its stage, in
+two steps that prepare runs in different Ray tasks: `to_pending` (the record, its images named) and
+`with_images` (the images read, decoded, checked and resized). Rejects carry the stage
 "read" (the file), "normalise" (the record's shape, or placeholders that do not match the images) or "image"
 (a missing, unreadable, undecodable, truncated, too small or too large image). One bad image rejects its
 record only.
@@ -22,7 +24,8 @@ import os
 from typing import Iterable, Iterator
 
 from instune.data.formats import RecordError, _example, normalise, record_metadata
-from instune.data.images import ImageError, ImageLimits, decode_image, images_digest, read_image_bytes, resized_png
+from instune.data.images import (ImageError, ImageLimits, decode_image, image_reference, images_digest,
+                                 read_image_bytes, resized_png)
 from instune.data.read import RawItem, json_type_name
 from instune.data.schema import make_record, make_reject
 
@@ -77,9 +80,11 @@ def _content_text(parts: list, where: str, references: list) -> str:
     return "\n".join(pieces)
 
 
-def to_multimodal(raw_items: Iterable[RawItem], source_name: str, domain: str, fmt: str, file: str,
-                  limits: ImageLimits) -> Iterator[tuple[str, dict]]:
-    """("kept", record with images) or ("rejected", reject) for every record read, in file order."""
+def to_pending(raw_items: Iterable[RawItem], source_name: str, domain: str, fmt: str, file: str
+               ) -> Iterator[tuple[str, dict]]:
+    """("kept", record with its images named but not yet read) or ("rejected", reject) for every record read, in
+    file order. A pending record is schema.make_record plus `image_refs` ({bytes, path} each), `base_dir` (what a
+    relative path is relative to) and, for an image reject later, the record's `file`, `position` and `example`."""
     basename = os.path.basename(file.rstrip("/"))
     base_dir = os.path.dirname(os.path.abspath(file)) if "://" not in file else file.rsplit("/", 1)[0]
     for item in raw_items:
@@ -97,8 +102,7 @@ def to_multimodal(raw_items: Iterable[RawItem], source_name: str, domain: str, f
             yield "rejected", make_reject(source_name, file, item.position, "normalise", str(e), _example(item))
             continue
         try:
-            originals = [read_image_bytes(r, base_dir) for r in references]
-            images = [resized_png(decode_image(data, limits), limits.size) for data in originals]
+            named = [image_reference(r) for r in references]
         except ImageError as e:
             yield "rejected", make_reject(source_name, file, item.position, "image", str(e), _example(item))
             continue
@@ -109,4 +113,36 @@ def to_multimodal(raw_items: Iterable[RawItem], source_name: str, domain: str, f
             metadata["caption"] = item.value["caption"]  # the retrieval target (eval/retrieval.py)
         record = make_record(f"{source_name}:{basename}:{item.position}", source_name, record_domain, messages,
                              metadata)
-        yield "kept", {**record, "images": images, "images_digest": images_digest(originals)}
+        refs = [{"bytes": r, "path": None} if isinstance(r, bytes) else {"bytes": None, "path": r} for r in named]
+        yield "kept", {**record, "image_refs": refs, "base_dir": base_dir, "file": file, "position": item.position,
+                       "example": _example(item)}
+
+
+RECORD_FIELDS = ("id", "source", "domain", "messages", "metadata")
+
+
+def with_images(pending: dict, limits: ImageLimits) -> dict:
+    """The record with `images` (each read, decoded, checked and resized to PNG) and `images_digest` (of the
+    original bytes, for exact dedup); ImageError (the reject reason) for the first image that cannot be used."""
+    originals = [read_image_bytes(r, pending["base_dir"]) for r in pending["image_refs"]]
+    images = [resized_png(decode_image(data, limits), limits.size) for data in originals]
+    return {**{k: pending[k] for k in RECORD_FIELDS}, "images": images, "images_digest": images_digest(originals)}
+
+
+def image_reject(pending: dict, reason: str) -> dict:
+    """The reject row of a pending record whose images could not be used."""
+    return make_reject(pending["source"], pending["file"], pending["position"], "image", reason, pending["example"])
+
+
+def to_multimodal(raw_items: Iterable[RawItem], source_name: str, domain: str, fmt: str, file: str,
+                  limits: ImageLimits) -> Iterator[tuple[str, dict]]:
+    """("kept", record with images) or ("rejected", reject) for every record read, in file order: to_pending and
+    with_images in one pass (prepare runs them in separate Ray tasks, eval reads its small sets with this)."""
+    for kind, value in to_pending(raw_items, source_name, domain, fmt, file):
+        if kind == "rejected":
+            yield kind, value
+            continue
+        try:
+            yield "kept", with_images(value, limits)
+        except ImageError as e:
+            yield "rejected", image_reject(value, str(e))

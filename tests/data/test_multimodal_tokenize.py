@@ -41,3 +41,35 @@ def test_image_tokens_in_place_and_labels_on_assistant_text_only(tiny_vlm):
     pixels = second["pixel_values"].reshape(second["image_shape"])
     assert pixels[0, 0].mean() > pixels[1, 0].mean() and pixels[1, 2].mean() > pixels[0, 2].mean()
     assert isinstance(too_long, TokenizeError) and "over model.max_length 100" in str(too_long)
+
+
+def test_image_pixels_equal_the_processors_own_values(tiny_vlm):
+    import copy
+
+    from instune.data.multimodal_tokenize import ImagePixels
+
+    image_processor = AutoProcessor.from_pretrained(tiny_vlm).image_processor
+
+    def noise_pngs(side, count=3):
+        pngs = []
+        for seed in range(count):
+            buffer = io.BytesIO()
+            Image.effect_noise((side, side), 40 + 10 * seed).convert("RGB").save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        return pngs
+
+    def processors_own(pngs, processor):
+        images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
+        return processor(images=images, return_tensors="np")["pixel_values"]
+
+    pixels = ImagePixels(image_processor)
+    assert pixels.scale is not None  # CLIP's rescale + normalise at the input size: the numpy map
+    for side in (32, 40):  # 40: not the input size, so the processor resizes (its own call)
+        pngs = noise_pngs(side)
+        assert np.abs(pixels(pngs) - processors_own(pngs, image_processor)).max() < 1e-5
+    assert pixels([]).shape == (0, 3, 32, 32)
+    cropping = copy.deepcopy(image_processor)
+    cropping.do_center_crop, cropping.crop_size = True, {"height": 24, "width": 24}
+    assert ImagePixels(cropping).scale is None  # not a map of each pixel: every call goes to the processor
+    pngs = noise_pngs(32)
+    assert np.abs(ImagePixels(cropping)(pngs) - processors_own(pngs, cropping)).max() < 1e-6

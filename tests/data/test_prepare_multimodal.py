@@ -60,6 +60,8 @@ def test_prepare_accounts_for_every_record_and_bad_image(local_ray, tiny_vlm, tm
     stages = {row["stage"]: row["rejected"] for row in shapes["stages"]}
     assert stages == {"read": 0, "normalise": 1, "image": 3, "dedup:exact": 2}
     assert (shapes["tokenized"], shapes["dropped"]) == (4, 1)  # twelve images do not fit in 120 tokens
+    drops = [(r["stage"], r["count"]) for r in shapes["rejects"] if r["stage"] == "tokenize"]
+    assert drops == [("tokenize", 1)] and "over model.max_length 120" in shapes["rejects"][-1]["example_reason"]
     assert (parquet["read"], parquet["kept"], parquet["rejected"], parquet["tokenized"]) == (3, 2, 1, 2)
     quarantine = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
     reasons = sorted(r["reason"] for r in quarantine if r["source"] == "shapes")
