@@ -22,12 +22,15 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
         from instune.tune.vlm_sweep import run_vlm_sweep
 
         return run_vlm_sweep(config)
+    from instune.config import write_resolved_config
     from instune.data.images import ImageLimits
     from instune.data.prepare_multimodal import prepare_multimodal
     from instune.ray_runtime import start_ray, stop_ray
+    from instune.report.vlm import write_vlm_report
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resolved = write_resolved_config(config, out)
     sources, eval_sources, in_domain, out_of_domain = plan_data(config)
     model_dir = base_model(config, eval_sources)
     start_ray(config.scaling, out)
@@ -41,12 +44,16 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
     results = {"before": before, "after": after, "in_domain": in_domain, "out_of_domain": out_of_domain,
                "gap": {"before": gaps(before, in_domain, out_of_domain),
                        "after": gaps(after, in_domain, out_of_domain)},
-               "data": {s: {k: c[k] for k in ("read", "kept", "rejected", "tokenized", "dropped")}
+               "data": {s: {**{k: c[k] for k in ("read", "kept", "rejected", "tokenized", "dropped")},
+                            "rejects": [{k: r[k] for k in ("stage", "reason", "count", "example")}
+                                        for r in c["rejects"]]}
                         for s, c in manifest["sources"].items()},
                "model": str(merged_dir)}
     write_json(out / "results.json", results)
+    report = write_vlm_report(out, f"{config.name}: vision-language run", results,
+                              out / "train" / "run" / "metrics.jsonl", resolved.read_text())
     print(results_table(results), flush=True)
-    print(f"[vlm] wrote {out / 'results.json'}; tuned model: {merged_dir}", flush=True)
+    print(f"[vlm] wrote {out / 'results.json'} and {report.html}; tuned model: {merged_dir}", flush=True)
     stop_ray()
     return results
 

@@ -42,7 +42,8 @@ def test_vlm_quickstart_runs_prepare_train_eval(tmp_path):
     results = json.loads((out / "results.json").read_text())
     domains = ["count", "colour", "position", "digits_real", "digit", "colour_heldout"]
     assert results["in_domain"] + results["out_of_domain"] == domains
-    assert results["data"] == {"image_tasks": {"read": 80, "kept": 80, "rejected": 0, "tokenized": 80, "dropped": 0}}
+    assert results["data"] == {"image_tasks": {"read": 80, "kept": 80, "rejected": 0, "tokenized": 80, "dropped": 0,
+                                               "rejects": []}}
     for when in ("before", "after"):
         for domain in domains:
             row = results[when][domain]
@@ -52,6 +53,9 @@ def test_vlm_quickstart_runs_prepare_train_eval(tmp_path):
     metrics = [json.loads(line) for line in (out / "train/run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2, 4]
     assert "gap (in - out)" in result.stdout and "colour_heldout" in result.stdout
+    report = (out / "report.md").read_text()  # instune/report/vlm.py; its content is tested in tests/report
+    assert "## zero-shot retrieval per domain" in report and "| colour_heldout | out |" in report
+    assert (out / "resolved_config.yaml").is_file()
     assert yaml.safe_load((out / "model/merged/config.json").read_text())["model_type"] == "llava"
 
 
