@@ -56,14 +56,14 @@ def domain_table(results: dict, metrics: tuple[str, ...], title: str, caption: s
 
 
 def gap_table(results: dict) -> Table:
-    """Per metric: the gap before and after, and how much tuning changed it (negative: the gap shrank)."""
+    """Per metric: the gap before and after, its change, and the change of its size (negative: narrower)."""
     rows = []
     for m in GENERATION + RETRIEVAL:
         b, a = _value(results["gap"]["before"], m), _value(results["gap"]["after"], m)
-        rows.append([LABELS[m], b, a, _change(b, a)])
-    return Table(["metric", "gap before", "gap after", "change"], rows, title="the in-domain - out-of-domain gap",
-                 caption="Gap: mean over in-domain domains minus mean over out-of-domain ones. A negative change "
-                         "means tuning narrowed it.")
+        rows.append([LABELS[m], b, a, _change(b, a), None if b is None or a is None else abs(a) - abs(b)])
+    return Table(["metric", "gap before", "gap after", "change", "size change"], rows, title="gap per metric",
+                 caption="Gap: mean over in-domain domains minus mean over out-of-domain ones; change: after minus "
+                         "before; size change: |after| - |before|, negative where tuning narrowed the gap.")
 
 
 def gap_summary(results: dict) -> Text:
@@ -72,8 +72,9 @@ def gap_summary(results: dict) -> Text:
     for m in GENERATION + RETRIEVAL:
         b, a = _value(results["gap"]["before"], m), _value(results["gap"]["after"], m)
         if b is not None and a is not None:
-            parts.append(f"{LABELS[m]} {format_cell(b)} -> {format_cell(a)} ({'+' if a >= b else ''}"
-                         f"{format_cell(a - b)})")
+            size_change = abs(a) - abs(b)  # float noise from the means is not a change
+            size = "narrower" if size_change < -1e-9 else "wider" if size_change > 1e-9 else "the same size"
+            parts.append(f"{LABELS[m]} {format_cell(b)} -> {format_cell(a)} ({size})")
     body = (f"In-domain: {', '.join(results['in_domain'])}. Out-of-domain: {', '.join(results['out_of_domain'])}. "
             "Retrieval scores each image against every distinct caption of its domain's pool by the model's "
             "log-likelihood of the caption given the image (zero-shot: no retrieval training).\n\n"
@@ -108,7 +109,7 @@ def recall_png(results: dict) -> bytes:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("zero-shot retrieval per domain (left of the dashed line: in-domain; right: out-of-domain)",
-                 fontsize=10)
+                 fontsize=10, y=1.03)
     return figure_png(fig)
 
 

@@ -60,11 +60,12 @@ def test_retrieval_table_has_each_domain_before_after_change_and_the_gap(section
 
 
 def test_gap_table_summary_plots_and_data_accounting(sections):
-    gaps = {r[0]: r[1:] for r in tables(sections)["the in-domain - out-of-domain gap"].rows}
-    assert gaps["exact match"] == pytest.approx([0.4, 0.35, -0.05])
+    gaps = {r[0]: r[1:] for r in tables(sections)["gap per metric"].rows}
+    assert gaps["exact match"] == pytest.approx([0.4, 0.35, -0.05, -0.05])
+    assert gaps["text->image R@5"] == pytest.approx([0.2, 0.3, 0.1, 0.1])  # wider
     summary = next(s for s in sections if isinstance(s, Text)).body
-    assert "Out-of-domain: digit" in summary and "image->text R@1 0.3 -> 0.3 (+0)" in summary
-    assert "exact match 0.4 -> 0.35 (-0.05)" in summary
+    assert "Out-of-domain: digit" in summary and "image->text R@1 0.3 -> 0.3 (the same size)" in summary
+    assert "exact match 0.4 -> 0.35 (narrower)" in summary and "text->image R@5 0.2 -> 0.3 (wider)" in summary
     images = [s for s in sections if isinstance(s, Image)]
     assert [i.title for i in images] == ["the gap before and after", "recall@1 and @5 per domain"]
     assert all(i.source.startswith(b"\x89PNG") for i in images)
