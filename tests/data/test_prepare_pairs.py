@@ -46,8 +46,10 @@ def prepared(local_ray, model_dir, tmp_path_factory):
         "data": {"sources": [{"name": "math", "path": pair_file(tmp / "pairs.jsonl")}], "truncation": "prompt_left",
                  "validation_fraction": 0.25, "filters": {"quality": None},
                  "dedup": {"near": {}}},
-        "train": {"objective": "dpo"}, "dpo": {"batch_size": 3}})
-    manifest = prepare_pairs(config, model_dir, tmp / "data", model_path=model_dir)
+        "train": {"objective": "simpo"}, "dpo": {"batch_size": 3}})
+    # Prepared as a sweep of simpo against dpo prepares them: SimPO needs no reference, but the dpo trials
+    # will, so the reference's log-probs are computed once for both.
+    manifest = prepare_pairs(config, model_dir, tmp / "data", model_path=model_dir, objectives=["simpo", "dpo"])
     return manifest, tmp / "data"
 
 
@@ -59,6 +61,7 @@ def test_every_pair_read_is_kept_or_rejected_with_its_reason(prepared):
     manifest, data_dir = prepared
     counts = manifest["sources"]["math"]
     assert (counts["read"], counts["kept"], counts["rejected"]) == (19, 15, 4)
+    assert (manifest["objective"], manifest["reference"]) == ("simpo", "precompute")  # for the dpo trials
     reasons = {(r["stage"], r["reason"].split(":")[0], r["count"]) for r in counts["rejects"]}
     assert reasons == {("normalise", "chosen is identical to rejected", 1),
                        ("dedup:exact", "exact duplicate of an earlier pair", 1),
@@ -168,7 +171,7 @@ def test_training_refuses_data_prepared_for_another_objective_in_one_line(prepar
 
     check_prepared_for_objective(config(train={"objective": "dpo"}), manifest, data_dir)
     check_prepared_for_objective(config(train={"objective": "simpo"}), manifest, data_dir)
-    with pytest.raises(UserError, match=r"^train.objective: sft, but .* holds preference pairs \(prepared for dpo\)"):
+    with pytest.raises(UserError, match=r"^train.objective: sft, but .* holds preference pairs \(prepared for simpo\)"):
         check_prepared_for_objective(config(), manifest, data_dir)
     with pytest.raises(UserError, match=r"^train.objective: dpo, but .* holds conversations"):
         check_prepared_for_objective(config(train={"objective": "dpo"}), {"splits": {}}, data_dir)
