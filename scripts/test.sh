@@ -11,4 +11,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || echo "note: chromium could not be installed; the report render test will skip"
 fi
-exec .venv/bin/python -m pytest tests "$@"
+# No "tests" here: pytest's testpaths (pyproject.toml) is the whole suite when no path is given, and a path given
+# (`bash scripts/test.sh tests/data`) then narrows it instead of being run on top of everything.
+exec .venv/bin/python -m pytest "$@"
