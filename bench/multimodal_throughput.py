@@ -16,15 +16,20 @@ against text only, on the same cores and the same model.
    prints tokens/s of both (every position computed, image tokens included) and their ratio. `--steps 0`
    leaves it out.
 
-Measured (2 shared cores, 2000 images of 96x96, `--steps 0 --rounds 2`, other jobs running: load 35-60, so
+Measured (2 shared cores, 2000 images of 96x96, `--steps 0 --rounds 2`, other jobs running: load 35-65, so
 each figure moves by tens of percent from run to run; before and after alternated, same seeded corpus):
     before (one Ray task per file decoded the whole corpus; one processor call per image)
-        decode 299 images/s, prepare first run 15.1 (ratio 0.05), warm 83 (ratio 0.28)
+        pair 1: decode 299 images/s, prepare first run 15.1 (ratio 0.05), warm 83 (ratio 0.28)
+        pair 2: decode 375 images/s, prepare first run 15.2 (ratio 0.04), warm 187 (ratio 0.50)
     after (image tasks of 128 records on every core; pixel values of a block at once)
-        decode 309 images/s, prepare first run 15.0 (ratio 0.05), warm 152 (ratio 0.49)
-On an idle moment the first run was 0.13 of decoding (2000 images, before). The first run is still far from the
-0.7 target: each Ray worker spends seconds importing transformers and torch to tokenize, a fixed cost that only
-a corpus of many thousands of images amortises. Training (earlier run, 10 steps): 185 tokens/s with images, 81
+        pair 1: decode 309 images/s, prepare first run 15.0 (ratio 0.05), warm 152 (ratio 0.49)
+        pair 2: decode 362 images/s, prepare first run 26.7 (ratio 0.07), warm 183 (ratio 0.51)
+So on this loaded machine the change is inside the noise at this size; what it removes was measured in one
+process: the processor's pixel values cost 2.2 ms an image called per record, 1.4 ms per batch, 0.1 ms with
+ImagePixels' numpy map (tokenizing a record went from ~8.7 to ~1.6 ms), and a corpus in one file was decoded
+on one core. On a quieter moment the first run was 0.13 of decoding (2000 images, before). Neither run reaches
+the 0.7 target: the first run pays each Ray worker importing transformers and torch to tokenize (seconds per
+process, a fixed cost only a corpus of many thousands of images amortises), and warm runs stay near 0.5. Training (earlier run, 10 steps): 185 tokens/s with images, 81
 text only (ratio 2.3: per-step overhead dominates this tiny model, and image rows hold 16 more tokens each).
 """
 
