@@ -29,8 +29,9 @@ process: the processor's pixel values cost 2.2 ms an image called per record, 1.
 ImagePixels' numpy map (tokenizing a record went from ~8.7 to ~1.6 ms), and a corpus in one file was decoded
 on one core. On a quieter moment the first run was 0.13 of decoding (2000 images, before). Neither run reaches
 the 0.7 target: the first run pays each Ray worker importing transformers and torch to tokenize (seconds per
-process, a fixed cost only a corpus of many thousands of images amortises), and warm runs stay near 0.5. Training (earlier run, 10 steps): 185 tokens/s with images, 81
-text only (ratio 2.3: per-step overhead dominates this tiny model, and image rows hold 16 more tokens each).
+process, a fixed cost only a corpus of many thousands of images amortises), and warm runs stay near 0.5.
+Training (earlier run, 10 steps): 185 tokens/s with images, 81 text only (ratio 2.3: per-step overhead dominates
+this tiny model, and image rows hold 16 more tokens each).
 """
 
 from __future__ import annotations
