@@ -23,7 +23,6 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
 
         return run_vlm_sweep(config)
     from instune.config import write_resolved_config
-    from instune.data.images import ImageLimits
     from instune.data.prepare_multimodal import prepare_multimodal
     from instune.ray_runtime import start_ray, stop_ray
     from instune.report.vlm import write_vlm_report
@@ -34,7 +33,7 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
     sources, eval_sources, in_domain, out_of_domain = plan_data(config)
     model_dir = base_model(config, eval_sources)
     start_ray(config.scaling, out)
-    limits = ImageLimits(size=config.model.embedded.image_size, **config.data.images.model_dump())
+    limits = image_limits(config, model_dir)
     manifest = prepare_multimodal(sources, model_dir, out / "data", limits=limits,
                                   max_length=config.model.max_length, dedup=config.data.dedup_exact)
     eval_sets = read_eval_sets(eval_sources, limits)
@@ -118,6 +117,21 @@ def training_rows(tokenized_dir: Path, multimodal_share: float, seed: int):
     # in what the share changes.
     mixed = pa.concat_tables([image_rows.slice(0, take_images), text_rows.slice(0, n - take_images)])
     return mixed.take(np.random.default_rng(seed).permutation(mixed.num_rows))
+
+
+def image_limits(config: VlmExperimentConfig, model_dir: str):
+    """What an image may be, and the side prepare resizes it to: the model's input, the embedded model's
+    image_size or a `model.path` model's image processor's (a 336-pixel LLaVA must not get 32-pixel images)."""
+    from instune.data.images import ImageLimits
+
+    side = config.model.embedded.image_size
+    if config.model.path:
+        from transformers import AutoImageProcessor
+
+        from instune.data.multimodal_tokenize import image_side
+
+        side = image_side(AutoImageProcessor.from_pretrained(model_dir))
+    return ImageLimits(size=side, **config.data.images.model_dump())
 
 
 def base_model(config: VlmExperimentConfig, eval_sources) -> str:

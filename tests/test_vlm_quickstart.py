@@ -71,3 +71,21 @@ def test_results_table_shows_before_after_per_domain_and_the_gap():
     assert lines[1].split()[:5] == ["count", "in", "0.50", "->", "1.00"]
     assert lines[2].split()[:5] == ["digit", "out", "0.00", "->", "0.50"]
     assert lines[3].startswith("gap (in - out)") and "0.50 -> 0.50" in lines[3] and lines[3].endswith("-")
+
+
+def test_images_are_resized_to_the_models_input_side(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from instune.config import VlmExperimentConfig, load_config
+    from instune.vlm_run import image_limits
+
+    config = load_config(ROOT / "configs/vlm_quickstart.yaml", [f"output_dir={tmp_path}",
+                                                                  "model.embedded.image_size=16"],
+                         schema=VlmExperimentConfig)
+    assert image_limits(config, "unused").size == 16  # the embedded model's image_size
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(tmp_path)
+    config = load_config(ROOT / "configs/vlm_quickstart.yaml", [f"output_dir={tmp_path}", f"model.path={tmp_path}",
+                                                                  "model.embedded.image_size=16"],
+                         schema=VlmExperimentConfig)
+    limits = image_limits(config, str(tmp_path))
+    assert (limits.size, limits.min_side) == (48, config.data.images.min_side)  # model.path: its processor's side

@@ -37,14 +37,15 @@ def image_tokens(processor) -> ImageTokens:
     tokenizer = processor.tokenizer
     token = getattr(processor, "image_token", None) or "<image>"
     token_id = tokenizer.convert_tokens_to_ids(token)
-    side = _image_side(processor.image_processor)
+    side = image_side(processor.image_processor)
     batch = processor(images=[Image.new("RGB", (side, side))], text=[token], return_tensors="np")
     count = int((batch["input_ids"][0] == token_id).sum())
     assert count > 0, f"the processor wrote no {token!r} tokens for an image"
     return ImageTokens(token_id, count)
 
 
-def _image_side(image_processor) -> int:
+def image_side(image_processor) -> int:
+    """The side of the square images the processor feeds the model (its resize target)."""
     size = image_processor.size or {}
     return int(size.get("height") or size.get("shortest_edge") or 224)
 
@@ -71,7 +72,7 @@ class ImagePixels:
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
-        self.side = _image_side(image_processor)
+        self.side = image_side(image_processor)
         self.scale, self.shift = self._affine_map()
 
     def _affine_map(self) -> tuple[np.ndarray | None, np.ndarray | None]:

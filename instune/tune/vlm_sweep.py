@@ -61,11 +61,10 @@ def run_vlm_sweep(config: VlmExperimentConfig) -> dict:
     from ray import tune
 
     from instune.config import write_resolved_config
-    from instune.data.images import ImageLimits
     from instune.data.prepare_multimodal import prepare_multimodal
     from instune.ray_runtime import start_ray, stop_ray
     from instune.tune.space import tune_domain
-    from instune.vlm_run import base_model, evaluate_model, gaps, plan_data, read_eval_sets
+    from instune.vlm_run import base_model, evaluate_model, gaps, image_limits, plan_data, read_eval_sets
 
     check_vlm_sweep(config)
     out = Path(config.output_dir)
@@ -75,7 +74,7 @@ def run_vlm_sweep(config: VlmExperimentConfig) -> dict:
     sources, eval_sources, in_domain, out_of_domain = plan_data(config)
     model_dir = base_model(config, eval_sources)
     start_ray(config.scaling, out)
-    limits = ImageLimits(size=config.model.embedded.image_size, **config.data.images.model_dump())
+    limits = image_limits(config, model_dir)
     prepare_multimodal(sources, model_dir, out / "data", limits=limits, max_length=config.model.max_length,
                        dedup=config.data.dedup_exact)
     eval_sets = read_eval_sets(eval_sources, limits)
