@@ -79,8 +79,9 @@ def plan_data(config: VlmExperimentConfig):
         if mixes_text(config):
             from instune.default.image_tasks import write_text_tasks
 
-            # As many text-only examples as image-text ones: enough for any share (training_rows).
-            text = write_text_tasks(corpus.dir, corpus.train_per_domain * len(corpus.in_domain), corpus.seed)
+            # Twice as many text-only examples as image-text ones: exact dedup drops the text tasks drawn twice
+            # (~6%), and training_rows needs as many as there are image-text rows for a share of 0.
+            text = write_text_tasks(corpus.dir, 2 * corpus.train_per_domain * len(corpus.in_domain), corpus.seed)
             sources.append(MultimodalSource(TEXT_SOURCE, "text", "llava", [str(text)]))
         in_domain = config.eval.in_domain or list(corpus.in_domain)
         out_of_domain = config.eval.out_of_domain or list(corpus.out_of_domain)
