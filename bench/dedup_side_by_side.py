@@ -124,17 +124,10 @@ def run_ours_plain(records, threshold, num_perm, ngram):
 
 
 def start_ray(cpus: int) -> None:
-    import ray
     import ray.data
+    from ray_start import init_local_ray  # bench/ is this script's directory
 
-    for attempt in range(3):
-        try:
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:  # Ray's startup timeout on a busy machine is a bare Exception; try again
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
+    init_local_ray(cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
