@@ -70,7 +70,13 @@ def dispatch(args) -> int | None:
         from instune.config import VlmExperimentConfig
         from instune.vlm_run import run_vlm
 
-        run_vlm(load_config(args.config, args.overrides, schema=VlmExperimentConfig))
+        from instune.storage import is_uri
+
+        vlm_config = load_config(args.config, args.overrides, schema=VlmExperimentConfig)
+        if is_uri(vlm_config.output_dir):  # vlm_run writes with local paths; it does not publish to buckets
+            raise UserError(f"{args.config}: output_dir: {vlm_config.output_dir} is a URI; instune vlm writes to a "
+                            f"local or mounted path")
+        run_vlm(vlm_config)
         return 0
     config = load_config(args.config, args.overrides)
     if args.command == "prepare":

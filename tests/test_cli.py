@@ -67,4 +67,6 @@ def test_vlm_config_errors_are_one_line_before_ray_starts(tmp_path):
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"),
                                     "data": {"sources": [source], "eval_sources": [source]}}))
     assert_one_line_error(run_cli("vlm", str(path)), "pics", str(missing))
+    assert_one_line_error(run_cli("vlm", str(path), "--set", "output_dir=s3://bucket/vlm"),
+                          "output_dir: s3://bucket/vlm is a URI; instune vlm writes to a local or mounted path")
     assert not (tmp_path / "out" / "data").exists() and not (tmp_path / "out" / "logs").exists()
