@@ -296,6 +296,9 @@ def near_dedup(
         for row, (kept_row, similarity) in sorted(greedy_duplicates(signatures, pairs, threshold).items()):
             rejected_keys.append(candidates[row].as_py())
             reasons.append(_reason(id_of(candidates[kept_row].as_py()), similarity))
-    marked = signed.map_batches(_mark_near, fn_kwargs={"rejected_keys": pa.array(rejected_keys, pa.string()),
-                                                       "reasons": reasons}, batch_format="pyarrow")
-    return split_marked(marked, drop=[ORDER_COLUMN, SIGNATURE_COLUMN, BAND_COLUMN], quarantine=quarantine)
+    # Signatures and band keys are dropped before marking: read back from Parquet, their columns are then
+    # not read at all (Ray pushes the projection into the read), and they were most of the bytes.
+    marked = signed.drop_columns([SIGNATURE_COLUMN, BAND_COLUMN]).map_batches(
+        _mark_near, fn_kwargs={"rejected_keys": pa.array(rejected_keys, pa.string()), "reasons": reasons},
+        batch_format="pyarrow")
+    return split_marked(marked, drop=[ORDER_COLUMN], quarantine=quarantine)
