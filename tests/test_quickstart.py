@@ -15,8 +15,10 @@ def test_quickstart_lowers_in_domain_loss_and_writes_outputs(tmp_path):
     out = tmp_path / "qs"
     result = subprocess.run(
         [sys.executable, "-m", "instune.cli", "run", str(ROOT / "configs/quickstart.yaml"),
-         "--set", f"output_dir={out}", "--set", "train.max_steps=40", "--set", "train.log_every=10",
-         "--set", "data.corpus.train_per_domain=300", "--set", "data.corpus.eval_per_domain=12",
+         # 20 steps and 6 examples a set: the in-domain drops were 4.3, 5.0 and 2.3 against the 1.0 required
+         # (5.1, 5.6 and 3.0 at 40 steps and 12 examples, for twice the training and eval time).
+         "--set", f"output_dir={out}", "--set", "train.max_steps=20", "--set", "train.log_every=5",
+         "--set", "data.corpus.train_per_domain=300", "--set", "data.corpus.eval_per_domain=6",
          "--set", "eval.max_new_tokens=6"],
         capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -29,7 +31,7 @@ def test_quickstart_lowers_in_domain_loss_and_writes_outputs(tmp_path):
         assert after[name]["loss"] < before[name]["loss"] - 1.0, (name, before[name], after[name])
 
     metrics = [json.loads(line) for line in (out / "train/run/metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [10, 20, 30, 40]
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert all(m["tokens_per_second"] > 0 for m in metrics)
 
