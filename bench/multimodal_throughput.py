@@ -24,12 +24,16 @@ each figure moves by tens of percent from run to run; before and after alternate
     after (image tasks of 128 records on every core; pixel values of a block at once)
         pair 1: decode 309 images/s, prepare first run 15.0 (ratio 0.05), warm 152 (ratio 0.49)
         pair 2: decode 362 images/s, prepare first run 26.7 (ratio 0.07), warm 183 (ratio 0.51)
-So on this loaded machine the change is inside the noise at this size; what it removes was measured in one
-process: the processor's pixel values cost 2.2 ms an image called per record, 1.4 ms per batch, 0.1 ms with
-ImagePixels' numpy map (tokenizing a record went from ~8.7 to ~1.6 ms), and a corpus in one file was decoded
-on one core. On a quieter moment the first run was 0.13 of decoding (2000 images, before). Neither run reaches
-the 0.7 target: the first run pays each Ray worker importing transformers and torch to tokenize (seconds per
-process, a fixed cost only a corpus of many thousands of images amortises), and warm runs stay near 0.5.
+With 4000 images, load falling from ~10 to ~4 (run one after the other):
+    before: decode 857 images/s, prepare first run 238 (ratio 0.28), warm 562 (ratio 0.66)
+    after:  decode 2828 images/s, prepare first run 234 (ratio 0.08), warm 533 (ratio 0.19)
+Prepare's own throughput is the same before and after within the noise, and the decode baseline moved 3x
+between consecutive runs, so these ratios say little; a quiet machine is needed to measure the change. What
+it removes was measured in one process: the processor's pixel values cost 2.2 ms an image called per record,
+1.4 ms per batch, 0.1 ms with ImagePixels' numpy map (tokenizing a record went from ~8.7 to ~1.6 ms), and a
+corpus in one file was decoded on one core. No run reached the 0.7 target with the first run: it pays each
+Ray worker importing transformers and torch to tokenize (seconds per process, a fixed cost only a corpus of many
+thousands of images amortises).
 Training (earlier run, 10 steps): 185 tokens/s with images, 81 text only (ratio 2.3: per-step overhead dominates
 this tiny model, and image rows hold 16 more tokens each).
 """
