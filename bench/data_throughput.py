@@ -296,6 +296,8 @@ def main() -> None:
     parser.add_argument("--pipeline", choices=["tokenize", "full"], default="full", help=argparse.SUPPRESS)
     parser.add_argument("--shuffle", choices=["global", "windowed"], default="windowed",
                         help="data.shuffle of every prepare run (run the bench once per value to compare)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the full prepare on N and 4N: peak memory and near-dedup rows, no tokenizer runs")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -304,6 +306,9 @@ def main() -> None:
     print(f"writing corpora under {workdir} ...", flush=True)
     small, large = write_corpora(workdir, args.mb)
     tokenizer = tokenizer_dir(workdir)
+    if args.memory_only:
+        memory_table(*(run_child(files, args, tokenizer, "full", args.shuffle) for files in (small, large)), args)
+        return
     print("prepare N, tokenize only, between two tokenizer baselines ...", flush=True)
     base, t = bracketed(small, args, tokenizer, args.shuffle)
     # 4N as well: at N a run's fixed costs (Ray jobs starting, workers importing, the tokenizer's parts loaded,
@@ -352,6 +357,28 @@ def main() -> None:
           f"{base['tokens']:,} in {base['seconds']:.1f} s\n")
     widths = [max(len(str(r[i])) for r in rows + [("metric", "N", "4N", "target", "result")]) for i in range(5)]
     for r in [("metric", "N", "4N", "target", "result")] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def memory_table(n: dict, n4: dict, args) -> None:
+    """The memory and near-dedup rows of the table alone (--memory-only)."""
+    memory_ratio = n4["peak_bytes"] / n["peak_bytes"]
+    dedup_ratio = n4["dedup_seconds"] / n["dedup_seconds"]
+    rows = [
+        ("records read / kept", f"{n['records']:,} / {n['kept']:,}", f"{n4['records']:,} / {n4['kept']:,}", "", ""),
+        ("full prepare seconds", f"{n['seconds']:.1f}", f"{n4['seconds']:.1f}", "", ""),
+        (f"full prepare peak memory MiB ({n['memory_kind']}, process tree)", f"{n['peak_bytes'] / 2**20:,.0f}",
+         f"{n4['peak_bytes'] / 2**20:,.0f}", "<= 1.3", f"{memory_ratio:.2f} {'met' if memory_ratio <= 1.3 else 'missed'}"),
+        ("  at the peak: seconds in; MiB by process", f"{n['peak_at']:.0f}; {peak_parts(n)}",
+         f"{n4['peak_at']:.0f}; {peak_parts(n4)}", "", ""),
+        ("near-dedup seconds (records)", f"{n['dedup_seconds']:.1f} ({n['dedup_records']:,})",
+         f"{n4['dedup_seconds']:.1f} ({n4['dedup_records']:,})", "<= 5", f"{dedup_ratio:.2f} {'met' if dedup_ratio <= 5 else 'missed'}"),
+        ("near-duplicates found", f"{n['near_duplicates']:,}", f"{n4['near_duplicates']:,}", "", ""),
+    ]
+    print(f"\ndata.shuffle {args.shuffle}, cpus {os.cpu_count()}, object store cap {args.object_store_mb} MiB\n")
+    header = ("metric", "N", "4N", "target", "result")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
+    for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
