@@ -91,6 +91,13 @@ def check_preference_sweep(config: ExperimentConfig) -> None:
     if config.sweep.objective in PAIR_SWEEP_OBJECTIVES and not config.data.validation_fraction:
         raise UserError(f"sweep.objective: {config.sweep.objective} scores held-out pairs; set "
                         "data.validation_fraction above 0")
+    # The config check sees only the base objective: a simpo/orpo base can sweep into a loss that needs the
+    # reference, and every such trial would then fail on its own, after Ray started.
+    with_reference = [o for o in swept_objectives(config) if uses_reference(o)]
+    if with_reference and config.dpo.reference == "adapter_disabled" and config.peft.method != "lora":
+        raise UserError(f"dpo.reference: adapter_disabled needs peft.method: lora (got {config.peft.method}), and "
+                        f"the sweep trains {with_reference[0]}, which compares with the reference; use precompute "
+                        "or model")
 
 
 def needs_precomputed_reference(config: ExperimentConfig) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -69,9 +70,13 @@ def test_a_preference_sweep_is_checked_before_ray_starts(tmp_path):
          "sweep.objective: reward_accuracy scores held-out preference pairs, but train.objective is sft"),
         (experiment(tmp_path, dict(LOSS_TYPES, objective="in_domain_loss")),
          "eval.sets: a sweep scores trials on the eval sets"),
+        # The base objective (simpo) needs no reference, so only the sweep check can see that dpo trials would.
+        (experiment(tmp_path, LOSS_TYPES, objective="simpo") | {"peft": {"method": "full"},
+                                                                "dpo": {"reference": "adapter_disabled"}},
+         "dpo.reference: adapter_disabled needs peft.method: lora (got full), and the sweep trains dpo"),
     ]
     for tree, message in refusals:
-        with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        with pytest.raises(UserError, match=re.escape(message)):
             checked(tree)
 
 
