@@ -112,10 +112,11 @@ def apply_overrides(tree: dict, overrides: dict[str, Any]) -> dict:
     return tree
 
 
-def check_param_paths(tree: dict, paths: list[str]) -> None:
-    """Every swept path names an existing setting of the full (defaults filled in) config that a trial may change."""
+def check_param_paths(tree: dict, paths: list[str], fixed_paths: tuple[str, ...] = FIXED_PATHS) -> None:
+    """Every swept path names an existing setting of the full (defaults filled in) config that a trial may change
+    (not one of `fixed_paths` or below it)."""
     for path in paths:
-        fixed = next((f for f in FIXED_PATHS if path == f or path.startswith(f + ".")), None)
+        fixed = next((f for f in fixed_paths if path == f or path.startswith(f + ".")), None)
         if fixed is not None:
             hint = "; weight sources or domains with sweep.mix" if fixed == "data.sources" else ""
             raise UserError(f"sweep.params.{path}: {fixed} is fixed for the whole sweep and cannot vary by "

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from instune.atomic import write_json, write_text
 from instune.config import VlmExperimentConfig
-from instune.errors import UserError
 
 SWEEP_DIR = "sweep"
 # What a trial may not change: the data and model the sweep prepared once, and what the scores are measured on.
@@ -42,18 +41,9 @@ class VlmTrialPlan:
 
 def check_vlm_sweep(config: VlmExperimentConfig) -> None:
     """Every swept path names a setting a trial may change; raises UserError before Ray starts."""
-    from instune.tune.space import _walk
+    from instune.tune.space import check_param_paths
 
-    tree = config.model_dump(mode="json")
-    for path in config.sweep.params:
-        fixed = next((f for f in FIXED_PATHS if path == f or path.startswith(f + ".")), None)
-        if fixed is not None:
-            raise UserError(f"sweep.params.{path}: {fixed} is made once for the whole sweep and cannot vary by trial")
-        try:
-            _walk(tree, path)
-        except KeyError as e:
-            raise UserError(f"sweep.params.{path}: no such config setting ({e.args[0]} is not in the config)") \
-                from None
+    check_param_paths(config.model_dump(mode="json"), list(config.sweep.params), FIXED_PATHS)
 
 
 def run_vlm_sweep(config: VlmExperimentConfig) -> dict:

@@ -39,7 +39,7 @@ def test_a_trial_cannot_vary_what_the_sweep_makes_once_and_a_share_needs_the_cor
     loaded = load_config(config, ["output_dir=/tmp/x"], schema=VlmExperimentConfig)
     assert list(loaded.sweep.params) == ["data.multimodal_share"]
     check_vlm_sweep(loaded)
-    for path, message in (("model.embedded.hidden_size", "model is made once"),
+    for path, message in (("model.embedded.hidden_size", "model is fixed for the whole sweep"),
                           ("train.lr_typo", "no such config setting")):
         swept = load_config(config, ["output_dir=/tmp/x", f"sweep.params={{'{path}': {{choice: [1, 2]}}}}"],
                             schema=VlmExperimentConfig)
