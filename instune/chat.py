@@ -14,7 +14,8 @@ each optionally with "system". Every line comes back with "messages" (the whole 
 "responses" (the model's answers) added.
 
 With `--config` of a run trained with outcome markers (negative-aware training), every prompt carries the success
-marker as eval's do (eval.outcome_marker, stages.eval_prompt_marker); the conversations written back are the
+marker as eval's do (eval.outcome_marker, stages.eval_prompt_marker); without `--config`, when the model's local
+directory has the outcome_markers.json that export writes for such a run. The conversations written back are the
 user's, without it.
 """
 
@@ -161,6 +162,14 @@ def interact(model, tokenizer, settings, system: str | None, read=input, write=p
 # `chat` fields chat_settings does not take, and where they go instead (tests/test_chat.py checks that every
 # other chat field reaches EvalSettings).
 NOT_IN_CHAT_SETTINGS = {"chat.system": "the conversations' first message (read_prompts, talk)"}
+
+
+def trained_markers(model_source: str):
+    """The outcome markers recorded beside a local model or adapter that training exported (train/export.py),
+    or None: a Hub id or bucket URI carries its record only once downloaded, so without a config none is used."""
+    from instune.data.outcome import read_markers_file
+
+    return read_markers_file(model_source) if Path(model_source).is_dir() else None
 
 
 def chat_settings(model_config, chat_config):

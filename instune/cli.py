@@ -56,11 +56,13 @@ def dispatch(args) -> int | None:
         from instune.chat import chat_command
         from instune.config import load_chat_config
 
+        from instune.chat import trained_markers
         from instune.stages import eval_prompt_marker
 
         model_config, chat_config, experiment = load_chat_config(args.config, args.overrides)
-        # The prompts carry the success marker exactly when eval's would (eval.outcome_marker).
-        markers = eval_prompt_marker(experiment) if experiment is not None else None
+        # The prompts carry the success marker exactly when eval's would (eval.outcome_marker); without a config,
+        # when the model directory records that training used markers (train/export.py).
+        markers = eval_prompt_marker(experiment) if experiment is not None else trained_markers(args.model)
         return chat_command(args.model, model_config, chat_config, args.prompts, args.output, markers)
     from instune import ray_runtime, stages
     from instune.config import load_config

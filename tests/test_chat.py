@@ -203,3 +203,11 @@ def test_a_config_trained_with_outcome_markers_puts_the_success_marker_in_every_
     assert [r["responses"] for r in unmarked] == [r["responses"] for r in plain]
     assert [r["responses"] for r in unmarked] != [r["responses"] for r in marked]
     assert "success marker" not in capsys.readouterr().err
+    # Without a config, a model directory that export marked as trained with markers is asked with the marker.
+    from instune.data.outcome import write_markers_file
+
+    recorded = Path(shutil.copytree(embedded_model, tmp_path / "nat_model"))
+    write_markers_file(recorded, {"field": "outcome", "success": success, "failure": "F.", "position": "system"})
+    assert [r["responses"] for r in chat_file(recorded, prompts, tmp_path / "recorded.jsonl")] == \
+        [r["responses"] for r in marked]
+    assert f'success marker "{success}"' in capsys.readouterr().err

@@ -28,6 +28,26 @@ class OutcomeMarkers:
     position: str  # "system" or "prefix"
 
 
+# Written beside a model exported from a run trained with markers: `instune chat MODEL` then asks with the success
+# marker without the run's config, as eval does with it.
+MARKERS_FILE = "outcome_markers.json"
+
+
+def write_markers_file(model_dir, markers: dict) -> None:
+    """Record the run's data.outcome_markers fields in `model_dir` (a directory being written atomically)."""
+    from pathlib import Path
+
+    (Path(model_dir) / MARKERS_FILE).write_text(json.dumps(markers, indent=2))
+
+
+def read_markers_file(model_dir) -> OutcomeMarkers | None:
+    """The markers a model in local directory `model_dir` was trained with, or None when it has no record."""
+    from pathlib import Path
+
+    path = Path(model_dir) / MARKERS_FILE
+    return OutcomeMarkers(**json.loads(path.read_text())) if path.is_file() else None
+
+
 def outcome_of(metadata: dict, field: str) -> str | None:
     """"success", "failure", or None when the record has no readable outcome label."""
     value = metadata.get(field)

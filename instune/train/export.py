@@ -37,12 +37,13 @@ def rebuild_trained_model(checkpoint_dir: Path, base_model_path: str):
 
 
 def export_model(checkpoint_dir: Path, base_model_path: str, tokenizer_path: str, method: str,
-                 output_dir: Path) -> tuple[Path, Path | None]:
+                 output_dir: Path, outcome_markers: dict | None = None) -> tuple[Path, Path | None]:
     """Write output_dir/adapter and output_dir/merged (None for prefix/prompt tuning), each atomically;
-    returns their paths."""
+    returns their paths. `outcome_markers`: the run's data.outcome_markers, recorded beside both."""
     from safetensors.torch import save_file
     from transformers import AutoProcessor, AutoTokenizer
 
+    from instune.data.outcome import write_markers_file
     from instune.train.vision import is_vision_language
 
     model, settings = rebuild_trained_model(Path(checkpoint_dir), base_model_path)
@@ -61,10 +62,14 @@ def export_model(checkpoint_dir: Path, base_model_path: str, tokenizer_path: str
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        if outcome_markers:
+            write_markers_file(tmp, outcome_markers)
     if method in PROMPT_METHODS:
         return adapter_dir, None
     merged = model.merge_and_unload() if method in PEFT_METHODS else model
     with atomic_dir(merged_dir) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        if outcome_markers:
+            write_markers_file(tmp, outcome_markers)
     return adapter_dir, merged_dir

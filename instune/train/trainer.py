@@ -60,6 +60,8 @@ class TrainingRun:
     loop: LoopSettings
     workers: WorkerSettings
     tracking: Tracking = field(default_factory=Tracking)
+    # data.outcome_markers' fields when the data carried them: export records them beside the model.
+    outcome_markers: dict | None = None
 
 
 # The config sections a training run is built from (peft builds the loop's MethodSettings), and the fields of
@@ -98,7 +100,9 @@ def training_run(config: ExperimentConfig, model_path: str, rows: int,
     tracking = Tracking(report_to=list(t.report_to), name=run_name or config.name,
                         config=config.model_dump(mode="json"),
                         attachments={"resolved_config.yaml": config_to_yaml(config)})
-    return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED), tracking)
+    markers = config.data.outcome_markers
+    return TrainingRun(loop, settings_from(WorkerSettings, sections, RENAMED), tracking,
+                       markers.model_dump() if markers else None)
 
 
 def steps_for(rows: int, num_workers: int, micro_batch_size: int, grad_accum: int, epochs: int,
@@ -241,5 +245,5 @@ def train_and_export(run: TrainingRun, datasets: dict, tokenizer_path: str, *, s
         raise RuntimeError(f"training finished without a checkpoint; see {storage_uri or storage_dir}")
     with result.checkpoint.as_directory() as checkpoint_dir:
         adapter_dir, merged_dir = export_model(Path(checkpoint_dir), run.loop.model_path, tokenizer_path,
-                                               run.loop.method.method, export_dir)
+                                               run.loop.method.method, export_dir, run.outcome_markers)
     return TrainOutputs(adapter_dir, merged_dir, metrics_file, dict(result.metrics or {}))

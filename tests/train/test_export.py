@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from .train_helpers import write_packed_rows
 from transformers import AutoModelForCausalLM
 
+from instune.data.outcome import OutcomeMarkers, read_markers_file
 from instune.train.checkpoint import WEIGHTS_FILE
 from instune.train.export import BITFIT_FILE, export_model
 from instune.train.loop import LoopSettings, run_training
@@ -53,7 +54,12 @@ def test_export_writes_what_transformers_and_peft_load(name, tiny_model, padded_
 
     method = METHODS[name]
     checkpoint = train_two_steps(tiny_model, padded_rows, method, tmp_path / "run")
-    adapter, merged = export_model(checkpoint, str(tiny_model), str(tiny_model), method.method, tmp_path / "out")
+    # A run trained with outcome markers records them beside what it exports (for `instune chat MODEL`).
+    markers = {"field": "outcome", "success": "Succeed.", "failure": "Fail.", "position": "system"}
+    adapter, merged = export_model(checkpoint, str(tiny_model), str(tiny_model), method.method, tmp_path / "out",
+                                   markers)
+    for exported in (adapter, merged):
+        assert exported is None or read_markers_file(exported) == OutcomeMarkers(**markers)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
     base_logits = logits(base)
 

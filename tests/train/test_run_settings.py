@@ -80,3 +80,11 @@ def test_total_steps_and_the_eval_interval_are_computed_from_the_config():
     assert (run.loop.total_steps, run.loop.eval_every) == (50, 4)
     with pytest.raises(UserError, match="train.micro_batch_size: 3 training rows"):
         training_run(config(train={"micro_batch_size": 2}), "m", rows=3)
+
+
+def test_a_run_trained_with_outcome_markers_carries_them_to_export():
+    markers = {"field": "ok", "success": "Succeed.", "failure": "Fail.", "position": "prefix"}
+    run = training_run(config(data={"sources": [{"name": "a", "path": "x"}], "outcome_markers": markers}), "m",
+                       rows=100)
+    assert run.outcome_markers == markers
+    assert training_run(config(), "m", rows=100).outcome_markers is None
