@@ -53,10 +53,8 @@ def dispatch(args) -> int | None:
 
         return dispatch_job_command(args)
     if args.command == "chat":
-        from instune.chat import chat_command
+        from instune.chat import chat_command, trained_markers
         from instune.config import load_chat_config
-
-        from instune.chat import trained_markers
         from instune.stages import eval_prompt_marker
 
         model_config, chat_config, experiment = load_chat_config(args.config, args.overrides)
@@ -70,9 +68,8 @@ def dispatch(args) -> int | None:
     ray_runtime.options = ray_runtime.RayOptions(join=args.join, verbose=args.verbose)
     if args.command == "vlm":
         from instune.config import VlmExperimentConfig
-        from instune.vlm_run import run_vlm
-
         from instune.storage import is_uri
+        from instune.vlm_run import run_vlm
 
         vlm_config = load_config(args.config, args.overrides, schema=VlmExperimentConfig)
         if is_uri(vlm_config.output_dir):  # vlm_run writes with local paths; it does not publish to buckets

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from instune.errors import UserError
 
 
-
 # train.objective values that compare the policy with a frozen reference (simpo and orpo need none). Here, not in
 # train/preference_loss.py, because the data stage (which precomputes the reference) reads it too.
 REFERENCE_OBJECTIVES = ("dpo", "ipo", "cdpo")
