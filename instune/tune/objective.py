@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from statistics import fmean
 
+from instune.config import PAIR_SWEEP_OBJECTIVES
+
 MEASURE_PREFIXES = {"loss": "eval_loss/", "accuracy": "accuracy/"}
 KINDS = ("in_domain", "out_of_domain")
-# Held-out pair scores (config.PAIR_SWEEP_OBJECTIVES) and the loop's metric each is read from.
-PAIR_SCORES = {"reward_accuracy": "eval_rewards/accuracy", "reward_margin": "eval_rewards/margin"}
+# Held-out pair scores (named once, in config.PAIR_SWEEP_OBJECTIVES) and the loop's metric each is read from.
+PAIR_SCORES = dict(zip(PAIR_SWEEP_OBJECTIVES, ("eval_rewards/accuracy", "eval_rewards/margin"), strict=True))
 
 
 def mode_of(objective: str) -> str:
