@@ -43,7 +43,7 @@ def check_eval_model(path: str, base_model_path: str | None, field: str = "--mod
     p = files.directory
     if not p.is_dir():
         raise UserError(f"{field}: {path} is not a directory (expected a model or a PEFT adapter directory)")
-    if is_adapter_dir(p):
+    if ADAPTER_CONFIG in files.names:  # the listing in hand, not a second lookup
         if not any(n.startswith("adapter_model.") for n in files.names):
             raise UserError(f"{field}: {path} has {ADAPTER_CONFIG} but no adapter_model.safetensors or .bin")
         check_model_source(adapter_base_path(p, base_model_path, field), field)
