@@ -37,7 +37,9 @@ def write_markers_file(model_dir, markers: dict) -> None:
     """Record the run's data.outcome_markers fields in `model_dir` (a directory being written atomically)."""
     from pathlib import Path
 
-    (Path(model_dir) / MARKERS_FILE).write_text(json.dumps(markers, indent=2))
+    from instune.atomic import write_json
+
+    write_json(Path(model_dir) / MARKERS_FILE, markers)
 
 
 def read_markers_file(model_dir) -> OutcomeMarkers | None:

@@ -2,7 +2,7 @@
 
 Two Ray 2.60 defaults are overridden, the Parquet reader and the shuffle behind groupby: both start a pool of
 actors per operation, seconds of fixed cost each time. The pipeline runs many small operations (every
-stage's output is read back, both dedup stages group), so on small data, in tests and in every sweep trial,
+stage's output is read back, exact dedup groups), so on small data, in tests and in every sweep trial,
 those seconds were most of the wall time. A stage output read twice is written to disk (`persist`), and the
 keys that repeat across the whole corpus (dedup) are found from two small columns (`repeated_keys`).
 """
