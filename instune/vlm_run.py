@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from instune.atomic import write_json
@@ -22,22 +23,14 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
         from instune.tune.vlm_sweep import run_vlm_sweep
 
         return run_vlm_sweep(config)
-    from instune.config import write_resolved_config
-    from instune.data.prepare_multimodal import prepare_multimodal
-    from instune.ray_runtime import start_ray, stop_ray
+    from instune.ray_runtime import stop_ray
     from instune.report.vlm import write_vlm_report
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = write_resolved_config(config, out)
-    sources, eval_sources, in_domain, out_of_domain = plan_data(config)
-    model_dir = base_model(config, eval_sources)
-    start_ray(config.scaling, out)
-    limits = image_limits(config, model_dir)
-    manifest = prepare_multimodal(sources, model_dir, out / "data", limits=limits,
-                                  max_length=config.model.max_length, dedup=config.data.dedup_exact)
-    eval_sets = read_eval_sets(eval_sources, limits)
-    before = evaluate_model(model_dir, eval_sets, config)
+    base = prepare_and_score_base(config, out)
+    model_dir, manifest, eval_sets, before = base.model_dir, base.manifest, base.eval_sets, base.before
+    in_domain, out_of_domain = base.in_domain, base.out_of_domain
     merged_dir = train(config, model_dir, out)
     after = evaluate_model(str(merged_dir), eval_sets, config)
     results = {"before": before, "after": after, "in_domain": in_domain, "out_of_domain": out_of_domain,
@@ -50,11 +43,44 @@ def run_vlm(config: VlmExperimentConfig) -> dict:
                "model": str(merged_dir)}
     write_json(out / "results.json", results)
     report = write_vlm_report(out, f"{config.name}: vision-language run", results,
-                              out / "train" / "run" / "metrics.jsonl", resolved.read_text())
+                              out / "train" / "run" / "metrics.jsonl", base.resolved_config.read_text())
     print(results_table(results), flush=True)
     print(f"[vlm] wrote {out / 'results.json'} and {report.html}; tuned model: {merged_dir}", flush=True)
     stop_ray()
     return results
+
+
+@dataclass
+class ScoredBase:
+    """What the run and every sweep trial start from: the base model, its prepared rows' manifest, the eval sets
+    and the base model's scores on them."""
+
+    model_dir: str
+    manifest: dict
+    eval_sets: list[dict]
+    before: dict
+    in_domain: list[str]
+    out_of_domain: list[str]
+    resolved_config: Path
+
+
+def prepare_and_score_base(config: VlmExperimentConfig, out: Path) -> ScoredBase:
+    """Write the resolved config, build or check the base model, start Ray, prepare the image-text rows into
+    out/data and score the base model per domain: the steps the run and the sweep share."""
+    from instune.config import write_resolved_config
+    from instune.data.prepare_multimodal import prepare_multimodal
+    from instune.ray_runtime import start_ray
+
+    resolved = write_resolved_config(config, out)
+    sources, eval_sources, in_domain, out_of_domain = plan_data(config)
+    model_dir = base_model(config, eval_sources)
+    start_ray(config.scaling, out)
+    limits = image_limits(config, model_dir)
+    manifest = prepare_multimodal(sources, model_dir, out / "data", limits=limits,
+                                  max_length=config.model.max_length, dedup=config.data.dedup_exact)
+    eval_sets = read_eval_sets(eval_sources, limits)
+    before = evaluate_model(model_dir, eval_sets, config)
+    return ScoredBase(model_dir, manifest, eval_sets, before, in_domain, out_of_domain, resolved)
 
 
 def plan_data(config: VlmExperimentConfig):

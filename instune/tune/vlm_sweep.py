@@ -50,27 +50,18 @@ def run_vlm_sweep(config: VlmExperimentConfig) -> dict:
     """Prepare once, score the base model, run the trials on Ray Tune; return (and write) the results."""
     from ray import tune
 
-    from instune.config import write_resolved_config
-    from instune.data.prepare_multimodal import prepare_multimodal
-    from instune.ray_runtime import start_ray, stop_ray
+    from instune.ray_runtime import stop_ray
     from instune.tune.space import tune_domain
-    from instune.vlm_run import base_model, evaluate_model, gaps, image_limits, plan_data, read_eval_sets
+    from instune.vlm_run import gaps, prepare_and_score_base
 
     check_vlm_sweep(config)
     out = Path(config.output_dir)
     sweep_dir = out / SWEEP_DIR
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, out)
-    sources, eval_sources, in_domain, out_of_domain = plan_data(config)
-    model_dir = base_model(config, eval_sources)
-    start_ray(config.scaling, out)
-    limits = image_limits(config, model_dir)
-    prepare_multimodal(sources, model_dir, out / "data", limits=limits, max_length=config.model.max_length,
-                       dedup=config.data.dedup_exact)
-    eval_sets = read_eval_sets(eval_sources, limits)
-    before = evaluate_model(model_dir, eval_sets, config)
-    plan = VlmTrialPlan(config.model_dump(mode="json"), str(sweep_dir.resolve()), model_dir,
-                        str((out / "data").resolve()), eval_sets, in_domain, out_of_domain)
+    base = prepare_and_score_base(config, out)
+    before, in_domain, out_of_domain = base.before, base.in_domain, base.out_of_domain
+    plan = VlmTrialPlan(config.model_dump(mode="json"), str(sweep_dir.resolve()), base.model_dir,
+                        str((out / "data").resolve()), base.eval_sets, in_domain, out_of_domain)
 
     sweep = config.sweep
     # One trial at a time: a trial's Train run takes the workers the cluster was sized for.
