@@ -135,41 +135,31 @@ def trial_config(sampled: dict, plan: TrialPlan) -> tuple[ExperimentConfig, dict
 
 
 def trial_datasets(config: ExperimentConfig, plan: TrialPlan, weights: dict[str, float]) -> dict:
-    """The trial's mixture (train, and validation when configured) and the eval sets, as Ray Datasets."""
+    """The trial's mixture (train, and validation when configured) and the eval sets, as Ray Datasets. A
+    preference trial takes the pairs prepared once for the sweep instead (train, and validation: the held-out
+    pairs its reward accuracy is measured on)."""
     import pyarrow.parquet as pq
     import ray.data
 
+    from instune.data.raydata import read_parquet
     from instune.data.splits import mix_tokenize_pack, phase2_arguments
 
     d = config.data
     ray.data.DataContext.get_current().enable_progress_bars = False
     if plan.pair_splits:
-        return pair_datasets(plan)
-    # Everything but the mixture (outcome markers, packing, truncation, validation split) as `prepare` would
-    # do it from this trial's config. Without a target size a mixture keeps each record once and weights only
-    # switch sources on or off; a swept mix is drawn at the size of the prepared data instead, so every trial
-    # trains on as many records.
-    arguments = phase2_arguments(config, plan.tokenizer_path)
-    arguments.update(weights=weights, size=d.mix_size or (sum(plan.kept.values()) if plan.mix_by else None))
-    train, validation, _ = mix_tokenize_pack(Path(plan.filtered_dir), plan.kept, **arguments)
-    # Materialised before training starts, so the trial's data pipeline is done before its workers hold CPUs.
-    datasets = {"train": train.materialize()}
-    if validation is not None:
-        datasets["validation"] = validation.materialize()
-    for name, path in plan.eval_data.items():
-        datasets[name] = ray.data.from_arrow(pq.read_table(path))
-    return datasets
-
-
-def pair_datasets(plan: TrialPlan) -> dict:
-    """A preference trial's data: the pairs prepared once for the sweep (train, and validation: the held-out
-    pairs its reward accuracy is measured on), read into the object store, and the eval sets."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    from instune.data.raydata import read_parquet
-
-    datasets = {split: read_parquet(path).materialize() for split, path in plan.pair_splits.items()}
+        datasets = {split: read_parquet(path).materialize() for split, path in plan.pair_splits.items()}
+    else:
+        # Everything but the mixture (outcome markers, packing, truncation, validation split) as `prepare` would
+        # do it from this trial's config. Without a target size a mixture keeps each record once and weights
+        # only switch sources on or off; a swept mix is drawn at the size of the prepared data instead, so every
+        # trial trains on as many records.
+        arguments = phase2_arguments(config, plan.tokenizer_path)
+        arguments.update(weights=weights, size=d.mix_size or (sum(plan.kept.values()) if plan.mix_by else None))
+        train, validation, _ = mix_tokenize_pack(Path(plan.filtered_dir), plan.kept, **arguments)
+        # Materialised before training starts, so the trial's data pipeline is done before its workers hold CPUs.
+        datasets = {"train": train.materialize()}
+        if validation is not None:
+            datasets["validation"] = validation.materialize()
     for name, path in plan.eval_data.items():
         datasets[name] = ray.data.from_arrow(pq.read_table(path))
     return datasets
