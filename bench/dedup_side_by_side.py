@@ -19,7 +19,8 @@ documents), its bucket stage one task per band. Printed for each:
   * wall time (the fastest of `--repeats` runs, the implementations taking turns) and records per second on the
     same cores (`--cpus`): ours in one process (the plain `near_dedup_records`) and through Ray Data
     (`near_dedup` on a materialized dataset, and with a work directory its signed records are written to and
-    read back from, as `instune prepare` runs it), datatrove's LocalPipelineExecutor with `--cpus` workers
+    read back from, and its rejects written to a quarantine directory as the kept records stream by, as
+    `instune prepare` runs it), datatrove's LocalPipelineExecutor with `--cpus` workers
     (signatures, buckets, clustering, filtering). Fixed start-up is not counted on either side: the local Ray
     cluster is started (and the corpus put in its object store) before the clock starts, as datatrove's
     interpreter start is; datatrove's executor pools and our per-pass Ray task scheduling are counted.
@@ -132,13 +133,25 @@ def start_ray(cpus: int) -> None:
 
 
 def run_ours_ray(ds, records, threshold, num_perm, ngram, work_dir: str | None):
-    """`near_dedup` on the materialized dataset `ds`; with `work_dir` its signed records are written there and
-    read back, as `instune prepare` runs it."""
+    """`near_dedup` on the materialized dataset `ds`. With `work_dir` it runs as `instune prepare` runs it: the
+    signed records are written there and read back, and the marking pass writes its rejects to a quarantine
+    directory as the kept records stream by (one read of the signed records, not one per view); the clock stops
+    once the kept records are consumed and the rejects are on disk."""
+    import pyarrow.dataset as pads
+
     from instune.data.dedup.minhash import near_dedup
 
     started = time.perf_counter()
-    kept, rejects = near_dedup(ds, threshold=threshold, num_perm=num_perm, ngram=ngram, work_dir=work_dir)
-    kept_count, reject_rows = kept.count(), rejects.take_all()
+    if work_dir is None:
+        kept, rejects = near_dedup(ds, threshold=threshold, num_perm=num_perm, ngram=ngram)
+        kept_count, reject_rows = kept.count(), rejects.take_all()
+    else:
+        quarantine = f"{work_dir}/quarantine"
+        kept, _ = near_dedup(ds, threshold=threshold, num_perm=num_perm, ngram=ngram, work_dir=work_dir,
+                             quarantine=quarantine)
+        kept_count = kept.count()
+        reject_rows = (pads.dataset(quarantine, format="parquet").to_table().to_pylist()
+                       if Path(quarantine).is_dir() else [])
     seconds = time.perf_counter() - started
     assert kept_count + len(reject_rows) == len(records)
     return seconds, reason_pairs(reject_rows, records)
