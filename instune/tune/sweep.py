@@ -128,14 +128,15 @@ def is_prepared_for(manifest: dict, config: ExperimentConfig) -> bool:
     """True when the prepared data was made from the same data and model settings (and, for a preference
     sweep, holds pairs with the reference log-probs the swept objectives need, from the same reference)."""
     made = manifest.get("config", {})
-    same = made.get("data") == config.data.model_dump(mode="json") and \
-        made.get("model") == config.model.model_dump(mode="json")
-    if swept_objectives(config) == ["sft"]:
-        return same and manifest.get("kind") != "preference"
-    if not needs_precomputed_reference(config):
-        return same and manifest.get("kind") == "preference"
-    return same and manifest.get("kind") == "preference" and manifest.get("reference") == "precompute" and \
-        made.get("dpo", {}).get("reference_model_path") == config.dpo.reference_model_path
+    if made.get("data") != config.data.model_dump(mode="json") or \
+            made.get("model") != config.model.model_dump(mode="json"):
+        return False
+    holds_pairs, wants_pairs = manifest.get("kind") == "preference", swept_objectives(config) != ["sft"]
+    if holds_pairs != wants_pairs:
+        return False
+    return not needs_precomputed_reference(config) or (
+        manifest.get("reference") == "precompute"
+        and made.get("dpo", {}).get("reference_model_path") == config.dpo.reference_model_path)
 
 
 def max_concurrent_trials(scaling: ScalingConfig, cluster: dict, configured: int | None) -> int:
