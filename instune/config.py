@@ -795,6 +795,11 @@ class VlmTrainConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     log_every: int = Field(10, gt=0)
     seed: int = 0
+    # As for text (TrainConfig): steps between checkpoints (the last step always writes one; unset: only the
+    # last), and worker-group restarts from the latest checkpoint after a worker dies. A run started again on the
+    # same output_dir resumes from its latest checkpoint whatever these are.
+    checkpoint_every: int | None = Field(None, gt=0)
+    max_failures: int = Field(0, ge=0)
 
 
 class VlmEvalConfig(Strict):

@@ -232,7 +232,7 @@ def train(config: VlmExperimentConfig, model_dir: str, out: Path, data_dir: Path
     method = MethodSettings(**{k: v for k, v in peft.model_dump().items() if k in MethodSettings.__dataclass_fields__})
     settings = LoopSettings(model_path=model_dir, total_steps=t.max_steps, method=method, lr=t.lr,
                             warmup_ratio=t.warmup_ratio, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                            log_every=t.log_every, strategy=s.name, zero_stage=s.zero_stage,
+                            log_every=t.log_every, checkpoint_every=t.checkpoint_every, strategy=s.name, zero_stage=s.zero_stage,
                             offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
                             deepspeed=dict(s.deepspeed), use_gpu=config.scaling.use_gpu,
                             train_vision_tower=config.model.train_vision_tower)
@@ -247,7 +247,7 @@ def train(config: VlmExperimentConfig, model_dir: str, out: Path, data_dir: Path
     result, _ = run_ray_training(settings, {"train": rows},
                                  num_workers=sc.num_workers, use_gpu=sc.use_gpu, cpus_per_worker=sc.cpus_per_worker,
                                  gpus_per_worker=sc.gpus_per_worker, placement_strategy=sc.placement_strategy,
-                                 storage_dir=out / "train", run_name="run")
+                                 storage_dir=out / "train", run_name="run", max_failures=t.max_failures)
     assert result.checkpoint is not None, f"training finished without a checkpoint; see {out / 'train'}"
     with result.checkpoint.as_directory() as checkpoint_dir:
         _, merged = export_model(Path(checkpoint_dir), model_dir, model_dir, method.method, out / "model")
