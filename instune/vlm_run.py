@@ -232,7 +232,8 @@ def train(config: VlmExperimentConfig, model_dir: str, out: Path, data_dir: Path
     method = MethodSettings(**{k: v for k, v in peft.model_dump().items() if k in MethodSettings.__dataclass_fields__})
     settings = LoopSettings(model_path=model_dir, total_steps=t.max_steps, method=method, lr=t.lr,
                             warmup_ratio=t.warmup_ratio, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                            log_every=t.log_every, checkpoint_every=t.checkpoint_every, strategy=s.name, zero_stage=s.zero_stage,
+                            log_every=t.log_every, checkpoint_every=t.checkpoint_every, strategy=s.name,
+                            zero_stage=s.zero_stage,
                             offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
                             deepspeed=dict(s.deepspeed), use_gpu=config.scaling.use_gpu,
                             train_vision_tower=config.model.train_vision_tower)
