@@ -15,6 +15,14 @@ ARITHMETIC = [("What is 2 + 3?", "5"), ("What is 7 + 1?", "8"), ("What is 4 + 4?
 UNITS = [("Convert 2 km to m.", "2000 m"), ("Convert 3 m to cm.", "300 cm"), ("Convert 1 kg to g.", "1000 g")]
 
 
+@pytest.fixture(scope="package")
+def ray_cluster(local_ray_cluster):
+    """One local Ray cluster for the tests/eval tests that need one (the eval command's and the actor pool's):
+    a cluster start costs several seconds on 2 busy cores, and the eval actors need nothing of their own."""
+    with local_ray_cluster():
+        yield
+
+
 @pytest.fixture
 def tiny_eval_sets():
     """Two in-domain sets of one domain (5 and 2 examples) and one out-of-domain set (3 examples)."""

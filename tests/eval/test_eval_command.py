@@ -10,12 +10,6 @@ from instune import cli
 QA = [("What is 2 + 3?", "5"), ("What is 7 + 1?", "8"), ("Convert 2 km to m.", "2000 m")]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(local_ray_cluster):
-    with local_ray_cluster():
-        yield
-
-
 def write_config(tmp_path, model_dir) -> str:
     for name, pairs in [("arith", QA[:2]), ("units", QA[2:])]:
         lines = [json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})

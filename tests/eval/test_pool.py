@@ -4,12 +4,6 @@ from instune.eval.evaluate import EvalSettings, evaluate_in_process
 from instune.eval.pool import evaluate_with_ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(local_ray_cluster):
-    with local_ray_cluster():
-        yield
-
-
 @pytest.mark.slow
 def test_actor_pool_matches_in_process(ray_cluster, tiny_adapter_and_merged, tiny_eval_sets):
     adapter_dir, _ = tiny_adapter_and_merged
