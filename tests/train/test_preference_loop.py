@@ -1,18 +1,17 @@
 """The training loop on preference pairs: DPO starts at log 2 from a fresh LoRA adapter, the adapter-less and
 the second-model references train exactly as the precomputed one, metrics per step, held-out reward accuracy;
-and, under torchrun, the same update on 1 and 2 workers, DDP and ZeRO, and a resume after a kill."""
+and, under torchrun, the same update on 1 and 2 workers, DDP and ZeRO."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from .train_helpers import arithmetic_pairs, read_metrics, run_many, run_torchrun, write_pairs, write_tiny_model
+from .train_helpers import arithmetic_pairs, read_metrics, run_many, write_pairs, write_tiny_model
 
-from instune.train.loop import CRASH_MARKER_ENV, LoopSettings, run_training
+from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
 from instune.train.preference_loss import PreferenceSettings
 from instune.train.sessions import FileSession
@@ -80,11 +79,11 @@ def test_every_objective_trains_through_the_loop(model_dir, pair_files, tmp_path
 
 
 @pytest.mark.slow
-def test_one_and_two_workers_ddp_and_zero_take_the_same_steps_and_a_killed_run_resumes(model_dir, pair_files,
-                                                                                          tmp_path):
+def test_one_and_two_workers_ddp_and_zero_take_the_same_steps(model_dir, pair_files, tmp_path):
     """All 16 pairs in one optimizer step: 1 worker x 16, 2 workers x 8 (DDP, and ZeRO-2), full fine-tuning;
-    LoRA under ZeRO-3 and ZeRO-2 and DDP with the precomputed and the adapter-less reference; then a 2-worker run
-    killed at step 3 and run again to its end. Three torchrun launches of two workers: minutes on 2 busy cores."""
+    LoRA under ZeRO-3 and ZeRO-2 and DDP with the precomputed and the adapter-less reference. One torchrun launch
+    of two workers. A DPO run killed at step 3 and resumed is tests/train/test_trainer.py's, through Ray Train
+    (what `instune train` runs), where it also ends with the unbroken run's weights."""
     # One SGD step at lr 1 without clipping: the weights move by exactly the gradient, which must not depend
     # on how the pairs are spread over workers.
     sgd = dict(total_steps=1, eval_every=None, method=MethodSettings(method="full"), optimizer="sgd", lr=1.0,
@@ -119,23 +118,6 @@ def test_one_and_two_workers_ddp_and_zero_take_the_same_steps_and_a_killed_run_r
             assert torch.allclose(got[key].float(), value.float(), atol=1e-5), (name, key)
         assert [m["loss"] for m in read_metrics(tmp_path / name)] == \
             pytest.approx([m["loss"] for m in read_metrics(one)], abs=1e-5)
-
-    # Killed as step 3 starts (step 2 has a checkpoint), then run again on the same output.
-    train_dir = tmp_path / "train"
-    train_dir.mkdir()
-    (train_dir / "part-0.parquet").write_bytes(open(pair_files["train"][0], "rb").read())
-    killed = settings(model_dir, total_steps=4, micro_batch_size=4, eval_every=None, checkpoint_every=2)
-    marker = tmp_path / "crash_at_step"
-    marker.write_text("3")
-    output = tmp_path / "killed"
-    run_torchrun(killed, train_dir, output, 2, env={CRASH_MARKER_ENV: str(marker)}, expect_failure=True)
-    assert [m["step"] for m in read_metrics(output)] == [1, 2]
-    run_torchrun(killed, train_dir, output, 2)
-    metrics = read_metrics(output)
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    state = json.loads((output / "checkpoints/step-00000004/trainer_state.json").read_text())
-    assert state == {"step": 4, "micro_batches_done": 4, "world_size": 2}
 
 
 def test_the_dpo_section_and_objective_reach_the_loop_as_a_sweep_trial_sets_them():

@@ -162,6 +162,7 @@ def test_dpo_on_two_ray_workers_keeps_pairs_whole_and_a_killed_zero_run_resumes_
     assert first["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-beta))), abs=1e-5)  # -log σ(β), every pair
     zero_lines = [json.loads(line) for line in zero_metrics.read_text().splitlines()]
     ddp_lines = [json.loads(line) for line in ddp_metrics.read_text().splitlines()]
+    # Steps 1 and 2 once: the restarted group resumed at step 3 from the step-2 checkpoint, not from the start.
     assert [m["step"] for m in zero_lines] == [1, 2, 3, 4] == [m["step"] for m in ddp_lines]
     assert [m["loss"] for m in zero_lines] == pytest.approx([m["loss"] for m in ddp_lines], abs=1e-4)
     assert ddp_lines[-1]["loss"] < ddp_lines[0]["loss"]
@@ -170,6 +171,9 @@ def test_dpo_on_two_ray_workers_keeps_pairs_whole_and_a_killed_zero_run_resumes_
     with zero.checkpoint.as_directory() as resumed_dir, ddp.checkpoint.as_directory() as straight_dir:
         resumed = load_file(f"{resumed_dir}/trainable.safetensors")
         straight = load_file(f"{straight_dir}/trainable.safetensors")
+        state = json.loads(Path(resumed_dir, "trainer_state.json").read_text())
+    # The data position came back too: 4 micro-batches a worker, 2 before the kill and 2 after.
+    assert state == {"step": 4, "micro_batches_done": 4, "world_size": 2}
     assert resumed.keys() == straight.keys() and resumed
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-4, msg=name)
