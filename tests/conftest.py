@@ -16,14 +16,17 @@ def _local_ray(**init_kwargs):
     import ray
     import ray.data
 
-    from instune.ray_runtime import unused_port
+    from instune.ray_runtime import PREEMPTION_WATCHER_ENV, unused_port
 
     # As instune's start_ray does (instune/ray_runtime.py): the cluster's address is chosen first and put in
     # RAY_ADDRESS, which Ray's processes inherit, so what looks a cluster up without an address (Ray Train's
     # placement-group cleaner, through the state API) finds this one and not another test run's on this machine.
+    # And as it does, no Ray Train preemption watcher on a cluster of one machine (its process is CPU taken
+    # from every Train run's start).
     port = unused_port()
-    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", PREEMPTION_WATCHER_ENV)}
     os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     try:
         # address "local": our own cluster even when RAY_ADDRESS or a `ray start` cluster names another.
         ray.init(**{"address": "local", "num_cpus": 4, "include_dashboard": False, **init_kwargs})

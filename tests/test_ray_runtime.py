@@ -94,6 +94,26 @@ def test_a_cluster_not_at_the_address_its_processes_were_given_is_an_error(ray_t
     assert "RAY_ADDRESS" not in os.environ
 
 
+@pytest.mark.parametrize("asked", [None, "1"])
+def test_a_private_cluster_starts_without_ray_trains_preemption_watcher_unless_asked(ray_tmpdir, monkeypatch, asked):
+    """Nothing drains one node of a cluster that is this machine alone; the watcher's actor would only take CPU
+    from every Train run's start. A value set by hand is kept, and stop_ray restores the environment."""
+    import ray
+
+    if asked:
+        monkeypatch.setenv(ray_runtime.PREEMPTION_WATCHER_ENV, asked)
+    seen_by_ray = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen_by_ray.append(
+        os.environ.get(ray_runtime.PREEMPTION_WATCHER_ENV)))
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: type("Context", (), {"gcs_address": os.environ["RAY_ADDRESS"]}))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    ray_runtime.start_private(1, dashboard=False)
+    assert seen_by_ray == [asked or "0"]  # Ray's processes inherit it; Train's controller reads it
+    stop_ray()
+    assert os.environ.get(ray_runtime.PREEMPTION_WATCHER_ENV) == asked
+
+
 def a_killed_train_run_frees_its_cpus(storage: Path) -> bool:
     """Whether every CPU is free again within 60 s after the actor driving a Ray Train run (one worker, waiting)
     is killed while the run's loop runs, as Tune ends a trial that ASHA stops. The run's placement group
