@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from .train_helpers import logits_sgd_step, read_metrics, run_many, write_packed_rows
+from .train_helpers import logits_sgd_step, read_metrics, two_worker_plan, write_packed_rows
 from transformers import AutoModelForCausalLM
 
 from instune.train.loop import LoopSettings, run_training, warmup_cosine
@@ -69,26 +69,37 @@ def test_a_seeded_run_repeats_exactly_and_another_seed_does_not(tiny_model, pack
     assert losses("c", 1) != first
 
 
-@pytest.mark.slow
-def test_one_step_is_the_same_on_one_worker_and_two_with_or_without_accumulation(tiny_model, tmp_path):
-    # Eight rows with different numbers of target tokens; plain SGD with lr 1 and no clipping, so the
-    # weights after one step are the initial weights minus the gradient itself.
-    rows = write_packed_rows(tmp_path / "rows", 8, seed=3)
+# Plain SGD with lr 1 and no clipping, one step: the weights after it are the initial weights minus the gradient.
+ONE_SGD_STEP = dict(total_steps=1, optimizer="sgd", lr=1.0, warmup_ratio=0.0, max_grad_norm=1e9, log_every=1,
+                    method=MethodSettings(method="full"))
+TWO_WORKER_VARIANTS = {
+    "ddp": dict(micro_batch_size=4),
+    "ddp_accumulate": dict(micro_batch_size=2, grad_accum=2),
+    "zero2_accumulate": dict(micro_batch_size=2, grad_accum=2, strategy="deepspeed", zero_stage=2),
+    "zero3_accumulate": dict(micro_batch_size=1, grad_accum=4, strategy="deepspeed", zero_stage=3),
+    # Offloaded optimizer state is updated on the CPU by the torch optimizer (no CPU Adam build).
+    "zero3_offload": dict(micro_batch_size=4, strategy="deepspeed", zero_stage=3, offload_optimizer=True,
+                          offload_params=True, deepspeed={"zero_force_ds_cpu_optimizer": False}),
+}
+
+
+@two_worker_plan("one_step")
+def one_step_on_two_workers(model, directory):
+    # Eight rows with different numbers of target tokens.
+    rows = write_packed_rows(directory / "rows", 8, seed=3)
     files = [str(rows / "part-0.parquet")]
-    base = dict(model_path=str(tiny_model), total_steps=1, optimizer="sgd", lr=1.0, warmup_ratio=0.0,
-                max_grad_norm=1e9, log_every=1, method=MethodSettings(method="full"))
-    run_training(LoopSettings(**base, micro_batch_size=8), FileSession({"train": files}, str(tmp_path / "one")))
-    variants = {
-        "ddp": dict(micro_batch_size=4),
-        "ddp_accumulate": dict(micro_batch_size=2, grad_accum=2),
-        "zero2_accumulate": dict(micro_batch_size=2, grad_accum=2, strategy="deepspeed", zero_stage=2),
-        "zero3_accumulate": dict(micro_batch_size=1, grad_accum=4, strategy="deepspeed", zero_stage=3),
-        # Offloaded optimizer state is updated on the CPU by the torch optimizer (no CPU Adam build).
-        "zero3_offload": dict(micro_batch_size=4, strategy="deepspeed", zero_stage=3, offload_optimizer=True,
-                              offload_params=True, deepspeed={"zero_force_ds_cpu_optimizer": False}),
-    }
-    run_many([{"settings": LoopSettings(**base, **v), "train": files, "output": tmp_path / name}
-              for name, v in variants.items()], tmp_path)
+    return [{"settings": LoopSettings(model_path=str(model), **ONE_SGD_STEP, **v), "train": files,
+             "output": directory / name} for name, v in TWO_WORKER_VARIANTS.items()]
+
+
+@pytest.mark.slow
+def test_one_step_is_the_same_on_one_worker_and_two_with_or_without_accumulation(tiny_model, two_worker_runs,
+                                                                                  tmp_path):
+    runs = two_worker_runs["one_step"]  # the variants on 2 workers, from the session's torchrun launch
+    rows = runs / "rows"
+    files = [str(rows / "part-0.parquet")]
+    run_training(LoopSettings(model_path=str(tiny_model), **ONE_SGD_STEP, micro_batch_size=8),
+                 FileSession({"train": files}, str(tmp_path / "one")))
 
     initial = dict(AutoModelForCausalLM.from_pretrained(str(tiny_model)).named_parameters())
     reference = load_file(str(tmp_path / "one" / STEP_1))
@@ -99,12 +110,12 @@ def test_one_step_is_the_same_on_one_worker_and_two_with_or_without_accumulation
     # in the LM head without it, chunked_loss.py), so every variant below is too.
     for n, w in logits_sgd_step(tiny_model, rows).items():
         torch.testing.assert_close(reference[n], w, rtol=0, atol=1e-6, msg=f"logits path: {n}")
-    for name in variants:
-        weights = load_file(str(tmp_path / name / STEP_1))
+    for name in TWO_WORKER_VARIANTS:
+        weights = load_file(str(runs / name / STEP_1))
         assert weights.keys() == reference.keys()
         for n, w in reference.items():
             torch.testing.assert_close(weights[n], w, rtol=0, atol=1e-6, msg=f"{name}: {n}")
-        assert read_metrics(tmp_path / name)[0]["loss"] == pytest.approx(reference_loss, rel=1e-6)
+        assert read_metrics(runs / name)[0]["loss"] == pytest.approx(reference_loss, rel=1e-6)
 
 
 def one_sgd_step(tiny_model, rows, output, **kw) -> dict:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from .train_helpers import arithmetic_pairs, read_metrics, run_many, write_pairs, write_tiny_model
+from .train_helpers import arithmetic_pairs, read_metrics, two_worker_plan, write_pairs, write_tiny_model
 
 from instune.train.loop import LoopSettings, run_training
 from instune.train.methods import MethodSettings
@@ -78,34 +78,45 @@ def test_every_objective_trains_through_the_loop(model_dir, pair_files, tmp_path
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
-@pytest.mark.slow
-def test_one_and_two_workers_ddp_and_zero_take_the_same_steps(model_dir, pair_files, tmp_path):
-    """All 16 pairs in one optimizer step: 1 worker x 16, 2 workers x 8 (DDP, and ZeRO-2), full fine-tuning;
-    LoRA under ZeRO-3 and ZeRO-2 and DDP with the precomputed and the adapter-less reference. One torchrun launch
-    of two workers. A DPO run killed at step 3 and resumed is tests/train/test_trainer.py's, through Ray Train
-    (what `instune train` runs), where it also ends with the unbroken run's weights."""
-    # One SGD step at lr 1 without clipping: the weights move by exactly the gradient, which must not depend
-    # on how the pairs are spread over workers.
-    sgd = dict(total_steps=1, eval_every=None, method=MethodSettings(method="full"), optimizer="sgd", lr=1.0,
-               max_grad_norm=1e9)
-    one = tmp_path / "one"
-    run_training(settings(model_dir, micro_batch_size=16, **sgd), FileSession({"train": pair_files["train"]}, str(one)))
-    common = dict(micro_batch_size=8, **sgd)
-    runs = [{"settings": settings(model_dir, **common), "train": pair_files["train"], "output": tmp_path / "ddp"},
-            {"settings": settings(model_dir, **common, strategy="deepspeed", zero_stage=2),
-             "train": pair_files["train"], "output": tmp_path / "zero"}]
-    # LoRA on 2 workers, three ways to the same reference: precompute under ZeRO-3, the adapter switched off
-    # under ZeRO-2 and under DDP. Same data, seeds and updates, so the same losses.
+# One SGD step at lr 1 without clipping: the weights move by exactly the gradient, which must not depend on how
+# the pairs are spread over workers.
+ONE_SGD_STEP = dict(total_steps=1, eval_every=None, method=MethodSettings(method="full"), optimizer="sgd", lr=1.0,
+                    max_grad_norm=1e9)
+NUMBERS = [(a, b) for a in range(1, 5) for b in range(1, 5)]  # 16 pairs
+
+
+@two_worker_plan("preference")
+def preference_on_two_workers(model, directory):
+    """All 16 pairs in one step on 2 workers x 8, DDP and ZeRO-2, full fine-tuning; and LoRA three ways to the
+    same reference: precompute under ZeRO-3, the adapter switched off under ZeRO-2 and under DDP."""
+    train = [write_pairs(model, directory / "pairs", arithmetic_pairs(NUMBERS))]
+    common = dict(micro_batch_size=8, **ONE_SGD_STEP)
     lora = dict(total_steps=3, micro_batch_size=8, eval_every=None)
     disabled = PreferenceSettings(beta=0.5, reference="adapter_disabled")
-    runs += [{"settings": settings(model_dir, **lora, strategy="deepspeed", zero_stage=3),
-              "train": pair_files["train"], "output": tmp_path / "lora_zero3"},
-             {"settings": settings(model_dir, **lora, strategy="deepspeed", zero_stage=2, preference=disabled),
-              "train": pair_files["train"], "output": tmp_path / "lora_zero2_disabled"},
-             {"settings": settings(model_dir, **lora, preference=disabled),
-              "train": pair_files["train"], "output": tmp_path / "lora_ddp_disabled"}]
-    run_many(runs, tmp_path, nproc=2)
-    lora_losses = [[m["loss"] for m in read_metrics(tmp_path / name)]
+    return [{"settings": settings(model, **common), "train": train, "output": directory / "ddp"},
+            {"settings": settings(model, **common, strategy="deepspeed", zero_stage=2),
+             "train": train, "output": directory / "zero"},
+            {"settings": settings(model, **lora, strategy="deepspeed", zero_stage=3),
+             "train": train, "output": directory / "lora_zero3"},
+            {"settings": settings(model, **lora, strategy="deepspeed", zero_stage=2, preference=disabled),
+             "train": train, "output": directory / "lora_zero2_disabled"},
+            {"settings": settings(model, **lora, preference=disabled),
+             "train": train, "output": directory / "lora_ddp_disabled"}]
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_ddp_and_zero_take_the_same_steps(tiny_model, two_worker_runs, tmp_path):
+    """All 16 pairs in one optimizer step: 1 worker x 16, 2 workers x 8 (DDP, and ZeRO-2), full fine-tuning;
+    LoRA under ZeRO-3 and ZeRO-2 and DDP with the precomputed and the adapter-less reference (the 2-worker runs
+    are preference_on_two_workers, in the session's torchrun launch). A DPO run killed at step 3 and resumed is
+    tests/train/test_trainer.py's, through Ray Train (what `instune train` runs), where it also ends with the
+    unbroken run's weights."""
+    runs = two_worker_runs["preference"]
+    one = tmp_path / "one"
+    run_training(settings(tiny_model, micro_batch_size=16, **ONE_SGD_STEP),
+                 FileSession({"train": [str(runs / "pairs" / "part-0.parquet")]}, str(one)))
+    # LoRA: same data, seeds and updates whichever the reference, so the same losses.
+    lora_losses = [[m["loss"] for m in read_metrics(runs / name)]
                    for name in ("lora_zero3", "lora_zero2_disabled", "lora_ddp_disabled")]
     assert lora_losses[0][0] == pytest.approx(math.log(2), abs=1e-5) and lora_losses[0][-1] < lora_losses[0][0]
     assert lora_losses[1] == pytest.approx(lora_losses[0], abs=1e-5)
@@ -113,10 +124,10 @@ def test_one_and_two_workers_ddp_and_zero_take_the_same_steps(model_dir, pair_fi
     expected = load_file(one / STEP_1)
     assert read_metrics(one)[0]["grad_norm"] > 1e-2  # a step that moves the weights
     for name in ("ddp", "zero"):
-        got = load_file(tmp_path / name / STEP_1)
+        got = load_file(runs / name / STEP_1)
         for key, value in expected.items():
             assert torch.allclose(got[key].float(), value.float(), atol=1e-5), (name, key)
-        assert [m["loss"] for m in read_metrics(tmp_path / name)] == \
+        assert [m["loss"] for m in read_metrics(runs / name)] == \
             pytest.approx([m["loss"] for m in read_metrics(one)], abs=1e-5)
 
 

@@ -1,5 +1,5 @@
 """Every recipe in configs/recipes trains: loaded as the CLI loads it, its model swapped for a scaled-down model
-of the same architecture, 2 steps on the CPU.
+of the same architecture, 2 steps on the CPU (in the session's torchrun launch, conftest.py two_worker_runs).
 
 The models are the real config.json of each family (recipe_models/*.json: Llama 3.1's llama3 rope scaling,
 Qwen 2.5's biased attention, Qwen 3's explicit head_dim, Mistral, Gemma 2's soft-capping and query scaling,
@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 import pytest
-from .train_helpers import REPO, read_metrics, run_many, write_packed_rows
+from .train_helpers import REPO, read_metrics, two_worker_plan, write_packed_rows
 
 from instune.config import load_config
 
@@ -62,27 +62,41 @@ def test_there_is_a_lora_and_a_zero3_recipe_for_every_family():
             assert config.scaling.num_workers > 8, f"{recipe.name}: full fine-tuning is for several nodes"
 
 
-@pytest.mark.slow
-def test_every_recipe_trains_two_steps_on_a_scaled_down_model_of_its_architecture(tmp_path):
+def recipe_config(recipe: Path, model_dir: Path, directory: Path):
+    """The recipe as the CLI loads it, on the scaled-down model and 2 CPU workers, for 2 steps."""
+    return load_config(recipe, [f"model.path={model_dir}", f"output_dir={directory / recipe.stem}",
+                                "scaling.use_gpu=false", "scaling.num_workers=2", "train.max_steps=2",
+                                "train.log_every=1"])
+
+
+@two_worker_plan("recipes")
+def every_recipe_on_two_workers(model, directory):
+    """Every recipe's training run on its family's scaled-down model (`model`, the session's tiny one, is not
+    used); the models' parameter counts go to parameters.json."""
     from instune.train.trainer import training_run
 
-    rows = write_packed_rows(tmp_path / "rows", 32, seed=3)
+    rows = write_packed_rows(directory / "rows", 32, seed=3)
     files = [str(p) for p in sorted(rows.glob("*.parquet"))]
-    models = {family: write_scaled_model(family, tmp_path / "models" / family) for family in FAMILIES}
-    runs = []
-    for recipe in RECIPES:
-        model_dir, _ = models[family_of(recipe)]
-        config = load_config(recipe, [f"model.path={model_dir}", f"output_dir={tmp_path / recipe.stem}",
-                                      "scaling.use_gpu=false", "scaling.num_workers=2", "train.max_steps=2",
-                                      "train.log_every=1"])
-        run = training_run(config, str(model_dir), rows=0)
-        assert run.loop.total_steps == 2 and run.loop.model_path == str(model_dir)
-        runs.append({"settings": run.loop, "train": files, "output": tmp_path / "runs" / recipe.stem})
-    run_many(runs, tmp_path, nproc=2, timeout=900)
+    models = {family: write_scaled_model(family, directory / "models" / family) for family in FAMILIES}
+    (directory / "parameters.json").write_text(json.dumps({family: n for family, (_, n) in models.items()}))
+    return [{"settings": training_run(recipe_config(recipe, models[family_of(recipe)][0], directory),
+                                      str(models[family_of(recipe)][0]), rows=0).loop,
+             "train": files, "output": directory / "runs" / recipe.stem} for recipe in RECIPES]
 
-    for recipe, run in zip(RECIPES, runs):
-        _, parameters = models[family_of(recipe)]
-        metrics = read_metrics(run["output"])
+
+@pytest.mark.slow
+def test_every_recipe_trains_two_steps_on_a_scaled_down_model_of_its_architecture(two_worker_runs):
+    from instune.train.trainer import training_run
+
+    directory = two_worker_runs["recipes"]
+    parameters_of = json.loads((directory / "parameters.json").read_text())
+    for recipe in RECIPES:
+        model_dir = directory / "models" / family_of(recipe)
+        run = training_run(recipe_config(recipe, model_dir, directory), str(model_dir), rows=0)
+        assert run.loop.total_steps == 2 and run.loop.model_path == str(model_dir)  # what the plan launched
+        parameters = parameters_of[family_of(recipe)]
+        output = directory / "runs" / recipe.stem
+        metrics = read_metrics(output)
         assert [m["step"] for m in metrics] == [1, 2], recipe.name
         assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics), recipe.name
         last = metrics[-1]
@@ -92,4 +106,4 @@ def test_every_recipe_trains_two_steps_on_a_scaled_down_model_of_its_architectur
             assert last["trainable_params"] > 0, recipe.name
         else:
             assert last["trainable_params"] == last["total_params"] == parameters, recipe.name
-        assert (run["output"] / "checkpoints" / "step-00000002").is_dir(), recipe.name
+        assert (output / "checkpoints" / "step-00000002").is_dir(), recipe.name

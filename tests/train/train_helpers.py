@@ -137,6 +137,23 @@ def read_metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+# Runs on 2 torchrun workers that tests in several modules check, trained together in one launch by the session
+# fixture `two_worker_runs` (conftest.py): a launch pays for its processes' start and imports (torch,
+# transformers, PEFT, DeepSpeed) whatever it trains. A test module adds its plan at import, so the launch holds
+# the plans of the modules collected: name -> plan(model directory, plan's directory) -> run_many's runs,
+# with inputs and outputs under the plan's directory.
+TWO_WORKER_PLANS: dict = {}
+
+
+def two_worker_plan(name: str):
+    """Decorator: add a plan to TWO_WORKER_PLANS under `name`; a test finds its outputs in
+    two_worker_runs[name]."""
+    def add(plan):
+        TWO_WORKER_PLANS[name] = plan
+        return plan
+    return add
+
+
 def run_many(runs: list[dict], tmp_path: Path, nproc: int = 2, timeout: int = 600) -> None:
     """Run several trainings in one torchrun launch (run_many.py); each run is
     {"settings": LoopSettings, "train": [parquet files], "output": dir}."""

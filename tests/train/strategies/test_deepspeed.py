@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from ..train_helpers import read_metrics, run_many, write_packed_rows
+from ..train_helpers import read_metrics, two_worker_plan, write_packed_rows
 
 from instune.train.loop import LoopSettings
 from instune.train.methods import MethodSettings
@@ -41,28 +41,34 @@ def test_cpu_adam_only_for_offloaded_optimizer_state_unless_turned_off():
     assert not uses_cpu_adam(build(offload_optimizer=True, extra={"zero_force_ds_cpu_optimizer": False}))
 
 
-@pytest.mark.slow
-def test_zero3_offload_resumes_exactly(tiny_model, tmp_path):
-    """Two steps in two runs (the second resumes from the first's checkpoint) end with the same weights as
-    two steps in one DDP run: weights, AdamW moments, schedule and data position all came back."""
-    rows = write_packed_rows(tmp_path / "rows", 8, seed=4)
+@two_worker_plan("zero3_offload_resume")
+def zero3_offload_resume(model, directory):
+    """ZeRO-3 with offload, one step and then again to two (the second run resumes from the first's checkpoint),
+    and two DDP steps in one run, on 2 workers."""
+    rows = write_packed_rows(directory / "rows", 8, seed=4)
     files = [str(rows / "part-0.parquet")]
-    base = dict(model_path=str(tiny_model), micro_batch_size=4, log_every=1, lr=1e-2, warmup_ratio=0.0,
+    base = dict(model_path=str(model), micro_batch_size=4, log_every=1, lr=1e-2, warmup_ratio=0.0,
                 method=MethodSettings(method="lora", r=4, dropout=0.0))
     zero3 = dict(strategy="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True,
                  deepspeed={"zero_force_ds_cpu_optimizer": False})
-    run_many([
-        {"settings": LoopSettings(**base, **zero3, total_steps=1), "train": files, "output": tmp_path / "zero3"},
-        {"settings": LoopSettings(**base, **zero3, total_steps=2), "train": files, "output": tmp_path / "zero3"},
-        {"settings": LoopSettings(**base, total_steps=2), "train": files, "output": tmp_path / "ddp"},
-    ], tmp_path)
+    return [
+        {"settings": LoopSettings(**base, **zero3, total_steps=1), "train": files, "output": directory / "zero3"},
+        {"settings": LoopSettings(**base, **zero3, total_steps=2), "train": files, "output": directory / "zero3"},
+        {"settings": LoopSettings(**base, total_steps=2), "train": files, "output": directory / "ddp"},
+    ]
 
-    assert [m["step"] for m in read_metrics(tmp_path / "zero3")] == [1, 2]
-    resumed = load_file(str(tmp_path / "zero3/checkpoints/step-00000002/trainable.safetensors"))
-    straight = load_file(str(tmp_path / "ddp/checkpoints/step-00000002/trainable.safetensors"))
-    first = load_file(str(tmp_path / "zero3/checkpoints/step-00000001/trainable.safetensors"))
+
+@pytest.mark.slow
+def test_zero3_offload_resumes_exactly(two_worker_runs):
+    """Two steps in two runs (the second resumes from the first's checkpoint) end with the same weights as
+    two steps in one DDP run: weights, AdamW moments, schedule and data position all came back."""
+    runs = two_worker_runs["zero3_offload_resume"]  # from the session's torchrun launch
+    assert [m["step"] for m in read_metrics(runs / "zero3")] == [1, 2]
+    resumed = load_file(str(runs / "zero3/checkpoints/step-00000002/trainable.safetensors"))
+    straight = load_file(str(runs / "ddp/checkpoints/step-00000002/trainable.safetensors"))
+    first = load_file(str(runs / "zero3/checkpoints/step-00000001/trainable.safetensors"))
     assert resumed.keys() == straight.keys()
     assert any(not torch.allclose(resumed[n], first[n]) for n in resumed)  # step 2 changed the adapter
     for n in straight:
         torch.testing.assert_close(resumed[n], straight[n], rtol=0, atol=1e-5, msg=n)
-    assert read_metrics(tmp_path / "zero3")[1]["loss"] == pytest.approx(read_metrics(tmp_path / "ddp")[1]["loss"])
+    assert read_metrics(runs / "zero3")[1]["loss"] == pytest.approx(read_metrics(runs / "ddp")[1]["loss"])
