@@ -1,4 +1,5 @@
-"""A prepared `filtered/` directory, as the data stage writes it, for the sweep's domain and report tests."""
+"""A prepared `filtered/` directory, as the data stage writes it, for the sweep's domain and report tests; the
+Ray cluster the sweep tests share."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,3 +25,14 @@ def filtered(tmp_path):
         })
         pq.write_table(table, directory / f"part-{i}.parquet")
     return directory
+
+
+@pytest.fixture(scope="package")
+def ray_cluster(local_ray_cluster):
+    """One private cluster for every sweep test here (a start with its dashboard is ~10 s on 2 cores), with the
+    dashboard, as `instune sweep` starts it: Ray Train's placement-group cleaner uses its state API. Never the
+    default port: other clusters run on this machine."""
+    from instune.ray_runtime import unused_port
+
+    with local_ray_cluster(include_dashboard=True, dashboard_port=unused_port()):
+        yield

@@ -116,15 +116,6 @@ def write_pair_split(model_dir: Path, directory: Path, numbers) -> int:
     return len(pairs)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(local_ray_cluster):
-    from instune.ray_runtime import unused_port
-
-    # With the dashboard, as `instune sweep` starts it (Ray Train's placement-group cleaner uses its state API).
-    with local_ray_cluster(include_dashboard=True, dashboard_port=unused_port()):
-        yield
-
-
 @pytest.mark.slow
 def test_a_sweep_over_the_loss_type_trains_every_trial_on_the_shared_pairs(ray_cluster, tmp_path):
     """Two Tune trials (dpo, simpo) of 4 steps on one worker each, on pairs prepared once with the reference's
