@@ -5,8 +5,8 @@ read == kept + rejected per source (accounting.phase1_counts over MULTIMODAL_STA
 tokenized or dropped with its reason. Each file is read by one Ray task (multimodal_formats.to_pending); the
 images of its records are fetched, decoded, checked and resized in tasks of IMAGE_BLOCK_ROWS records
 (with_images), so image work spreads over the cluster's cores whatever the number of files; rejects go to the
-quarantine from the task that finds them (rejects.py). Tokenizing computes a block's pixel values at once
-(multimodal_tokenize.ImagePixels).
+quarantine from the task that finds them (rejects.py). The records exact dedup keeps are written to filtered/
+and tokenized by the same tasks, which compute a block's pixel values at once (multimodal_tokenize.ImagePixels).
 
 Layout under `out_dir` (written whole, then renamed): filtered/ (records with resized PNG images),
 quarantine/, tokenized/ (input_ids, labels, pixel_values, image_shape), dropped/, manifest.json.
@@ -86,10 +86,8 @@ def read_multimodal(sources: list[MultimodalSource], max_record_bytes: int, limi
     """One Ray Dataset of the kept records of every file, with their images.
 
     One read task per file parses its records; their images are read, decoded and resized in tasks of
-    IMAGE_BLOCK_ROWS records each, so a corpus in one file still decodes on every core. Each image task asks
-    for the memory of one image at its largest (decoded RGBA at max_side, and its file): a request the read
-    tasks do not make, which also keeps Ray Data from fusing the two (operators with different remote args
-    run apart), as it would otherwise decode a whole file's images in its one read task.
+    IMAGE_BLOCK_ROWS records each, so a corpus in one file still decodes on every core (fused with the read,
+    one file's images would be decoded in its one read task).
     """
     import ray.data
 
@@ -99,8 +97,14 @@ def read_multimodal(sources: list[MultimodalSource], max_record_bytes: int, limi
     pending = ds.map_batches(read_pending_tables, batch_size=1, batch_format="pyarrow",
                              fn_kwargs={"max_record_bytes": max_record_bytes, "quarantine": quarantine,
                                         "counts_dir": counts_dir})
+    # Naming the scheduling strategy (Ray Data's default, so nothing changes where tasks run) keeps the image
+    # tasks apart from the read: Ray Data fuses map operators only when their remote arguments are equal. The
+    # maps after them (exact dedup's keys and its write; without dedup, tokenizing and its write) name none,
+    # inherit it, and run in the same tasks. A separate operator for those would get its own share of the CPUs
+    # (Ray Data reserves resources per operator): on 2 CPUs the image tasks ran one at a time, the other CPU
+    # kept for computing the keys, and prepare decoded at about half the speed of decoding alone.
     return pending.repartition(target_num_rows_per_block=IMAGE_BLOCK_ROWS).map_batches(
-        image_table, batch_format="pyarrow", batch_size=None, memory=4 * limits.max_side ** 2 + limits.max_bytes,
+        image_table, batch_format="pyarrow", batch_size=None, scheduling_strategy="SPREAD",
         fn_kwargs={"limits": limits, "quarantine": quarantine})
 
 
@@ -116,6 +120,19 @@ def _processor(model_path: str):
         processor = AutoProcessor.from_pretrained(model_path)
         _PROCESSORS[model_path] = (processor, image_tokens(processor), ImagePixels(processor.image_processor))
     return _PROCESSORS[model_path]
+
+
+def filter_and_tokenize(batch: pa.Table, model_path: str, max_length: int, filtered_dir: str,
+                        dropped_dir: str) -> pa.Table:
+    """The tokenized rows of a batch of kept records (tokenize_table), the records themselves written to
+    `filtered_dir` by this task (a file named by their ids, rejects.write_once): one pass writes both, where
+    writing filtered/ and reading it back to tokenize cost a second Ray Data job and a second read of every
+    image."""
+    from instune.data.rejects import write_once
+
+    if batch.num_rows:
+        write_once(batch, filtered_dir, "\n".join(batch["id"].to_pylist()))
+    return tokenize_table(batch, model_path, max_length, dropped_dir)
 
 
 def tokenize_table(batch: pa.Table, model_path: str, max_length: int, dropped_dir: str) -> pa.Table:
@@ -156,7 +173,6 @@ def prepare_multimodal(sources: list[MultimodalSource], model_path: str, out_dir
     from instune.atomic import atomic_dir, write_json
     from instune.data.accounting import MULTIMODAL_STAGES, count_rows, phase1_counts, reject_kinds
     from instune.data.dedup.exact import exact_dedup
-    from instune.data.raydata import read_parquet
     from instune.data.sources import read_counts
 
     out_dir, started = Path(out_dir), time.time()
@@ -165,24 +181,22 @@ def prepare_multimodal(sources: list[MultimodalSource], model_path: str, out_dir
         kept = read_multimodal(sources, max_record_bytes, limits, quarantine, str(work / "read"))
         if dedup:
             kept, _ = exact_dedup(kept, str(work / "exact"), quarantine)
-        kept.write_parquet(str(tmp / "filtered"))
+        (tmp / "filtered").mkdir()
+        kept.map_batches(filter_and_tokenize, batch_format="pyarrow", batch_size=None,
+                         fn_kwargs={"model_path": model_path, "max_length": max_length,
+                                    "filtered_dir": str(tmp / "filtered"), "dropped_dir": str(tmp / "dropped")}
+                         ).write_parquet(str(tmp / "tokenized"))
         counts = phase1_counts(read_counts(work / "read", sources), tmp / "filtered", tmp / "quarantine",
                                MULTIMODAL_STAGES)
         shutil.rmtree(work, ignore_errors=True)
-        records = sum(c["kept"] for c in counts.values())
-        if records:
-            tokenized = read_parquet(tmp / "filtered").map_batches(
-                tokenize_table, batch_format="pyarrow", batch_size=None,
-                fn_kwargs={"model_path": model_path, "max_length": max_length, "dropped_dir": str(tmp / "dropped")})
-            tokenized.write_parquet(str(tmp / "tokenized"))
         rows = {s: n for (s,), n in count_rows(tmp / "tokenized", ["source"]).items()}
-        dropped = {s: n for (s,), n in count_rows(tmp / "dropped", ["source"]).items()}
         drop_kinds = reject_kinds(tmp / "dropped")
         for name, c in counts.items():
-            c["tokenized"], c["dropped"] = rows.get(name, 0), dropped.get(name, 0)
-            # The reasons a kept record was not trained on, beside phase 1's rejects (stage "tokenize").
-            c["rejects"] += [{k: v for k, v in kind.items() if k != "source"} for kind in drop_kinds
-                             if kind["source"] == name]
+            # The reasons a kept record was not trained on, beside phase 1's rejects (stage "tokenize"); their
+            # counts are the records dropped (dropped/ is read once).
+            drops = [{k: v for k, v in kind.items() if k != "source"} for kind in drop_kinds if kind["source"] == name]
+            c["tokenized"], c["dropped"] = rows.get(name, 0), sum(kind["count"] for kind in drops)
+            c["rejects"] += drops
             assert c["kept"] == c["tokenized"] + c["dropped"], f"source {name}: kept {c['kept']} != tokenized " \
                                                                f"{c['tokenized']} + dropped {c['dropped']}"
         manifest = {"sources": counts, "max_length": max_length, "image_size": limits.size,

@@ -72,6 +72,9 @@ def test_prepare_accounts_for_every_record_and_bad_image(local_ray, tiny_vlm, tm
     assert sum("exact duplicate of shapes:llava.json:index 2" in r for r in reasons) == 1
     tokenized = pq.read_table(tmp_path / "out" / "tokenized").to_pylist()
     assert len(tokenized) == 6
+    # filtered/ (written by the tokenizing tasks) holds each kept record once, the tokenized ones among them.
+    filtered = pq.read_table(tmp_path / "out" / "filtered", columns=["id"])["id"].to_pylist()
+    assert len(filtered) == len(set(filtered)) == 7 and {r["id"] for r in tokenized} < set(filtered)
     for row in tokenized:
         images = row["image_shape"][0]
         assert row["image_shape"][1:] == [3, 32, 32] and len(row["pixel_values"]) == images * 3 * 32 * 32
