@@ -1,4 +1,5 @@
-"""Fixtures for the training tests: a tiny model and packed rows, written once per session."""
+"""Fixtures for the training tests: a tiny model and packed rows, written once per session, and the one
+torchrun launch that trains the 2-worker runs several slow tests check (two_worker_runs)."""
 
 from __future__ import annotations
 
@@ -24,5 +25,6 @@ def two_worker_runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     session's tiny model; returns each plan's directory by name."""
     root = tmp_path_factory.mktemp("two_worker_runs")
     runs = [run for name, plan in TWO_WORKER_PLANS.items() for run in plan(tiny_model, root / name)]
+    # Only slow tests ask for it, so `-m "not slow"` starts no launch; a failed run fails each of them.
     run_many(runs, root, nproc=2, timeout=900)
     return {name: root / name for name in TWO_WORKER_PLANS}
