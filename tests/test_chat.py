@@ -35,15 +35,11 @@ def test_every_chat_setting_reaches_the_generation_settings():
 
 
 @pytest.fixture(scope="module")
-def embedded_model(tmp_path_factory) -> Path:
-    """The embedded default model as `instune` builds it (base_model.py), with small dimensions."""
-    from instune.base_model import resolve_base_model
-    from instune.config import EmbeddedModelConfig, ModelConfig
-
-    embedded = EmbeddedModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320,
-                                   max_position_embeddings=128)
-    model, _ = resolve_base_model(ModelConfig(embedded=embedded), tmp_path_factory.mktemp("run"))
-    return Path(model)
+def embedded_model(tiny_model_dir) -> Path:
+    """The embedded default model as `instune` builds it, with small dimensions: the session's (tests/conftest.py),
+    which the data, eval and model-source tests have built before these run (its tokenizer's training is ~10 s
+    on 2 cores)."""
+    return Path(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
