@@ -15,10 +15,8 @@ from instune import stages, storage
 
 
 def cloud_overrides(uri: str, inputs: Path, scratch: Path) -> list[str]:
-    """The tiny quickstart with its outputs in the bucket and its generated corpus (an input) on local disk, on
-    one worker: what is tested is where the runs read and write, and each worker is a process that imports
-    torch and loads the model (several workers over shared storage: tests/jobs/test_multinode.py)."""
-    return [f"output_dir={uri}", f"scratch_dir={scratch}", f"data.corpus.dir={inputs}", "scaling.num_workers=1",
+    """The tiny quickstart with its outputs in the bucket and its generated corpus (an input) on local disk."""
+    return [f"output_dir={uri}", f"scratch_dir={scratch}", f"data.corpus.dir={inputs}",
             f"data.sources.0.path={inputs}/train/alpaca.jsonl", f"data.sources.1.path={inputs}/train/sharegpt.jsonl",
             f"eval.sets.0.path={inputs}/eval/arithmetic.jsonl"]
 
@@ -38,8 +36,9 @@ def ray_after_test():
     stop_ray()
 
 
-# One trial, scored by its in-domain loss while it trains.
-ONE_TRIAL_SWEEP = ["sweep={search: grid, scheduler: fifo, objective: in_domain_loss, final_eval: false, "
+# One trial on one worker, scored by its in-domain loss while it trains.
+ONE_TRIAL_SWEEP = ["scaling.num_workers=1",
+                   "sweep={search: grid, scheduler: fifo, objective: in_domain_loss, final_eval: false, "
                    "max_concurrent_trials: 1, params: {train.lr: {choice: [0.001]}}}"]
 
 

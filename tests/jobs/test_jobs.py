@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -163,11 +162,6 @@ def test_the_job_entrypoint_runs_the_stage_commands():
 # ---------------------------------------------------------------- a real job on a real head
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def loopback_head(tmp_path, free_port):
     """A Ray head started by cluster/static/start_head.sh on 127.0.0.1, with token auth, stopped afterwards.
@@ -194,13 +188,10 @@ def loopback_head(tmp_path, free_port):
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 180
-        # The dashboard's port first, polled cheaply: each `instune jobs list` is an interpreter and the CLI's
-        # imports (~1.5 s of CPU), which polled from the start took one of the two cores from the starting head.
-        while not (listening := port_open(dashboard_port)) or \
-                instune_cli("jobs", "list", "--address", address, env=env).returncode != 0:
+        while instune_cli("jobs", "list", "--address", address, env=env).returncode != 0:
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the head's job API did not come up in 180 s"
-            time.sleep(2 if listening else 0.5)
+            time.sleep(2)
         yield address, env
     finally:
         end_head(head)
