@@ -296,11 +296,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(prepared, tmp_pa
     # Three trials, one at a time: very large head dropout, an invalid rate (a failed trial), none.
     sweep = {"search": "grid", "scheduler": "fifo", "objective": "generalisation_loss", "final_eval": False,
              "max_concurrent_trials": 1, "params": {"train.head_dropout": {"choice": [0.9, 1.5, 0.0]}}}
-    tree = experiment(output_dir, corpus_dir, sweep, max_steps=LOG_EVERY)
-    # One set of each kind is what the objective needs: each set is tokenized by both drivers and becomes one
-    # more dataset (a split coordinator actor) in every trial's Train run.
-    tree["eval"]["sets"] = [s for s in tree["eval"]["sets"] if s["name"] != "string_edit"]
-    config_path = write_config(tree, tmp_path / "sweep.yaml")
+    config_path = write_config(experiment(output_dir, corpus_dir, sweep, max_steps=LOG_EVERY), tmp_path / "sweep.yaml")
     trials_dir = output_dir / "sweep" / "trials"
 
     first = run_cli(config_path, tmp_path / "first.log")
