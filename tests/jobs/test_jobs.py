@@ -210,10 +210,8 @@ def test_submit_runs_the_tiny_quickstart_as_a_job(loopback_head, tiny_config_fil
     refused = instune_cli("jobs", "list", "--address", address, env=no_token)
     assert refused.returncode == 2 and "the cluster wants its token" in refused.stderr
 
-    # One training worker: the job's entrypoint and what it writes are the point, not the training (the quickstart
-    # test trains on two through the CLI), and each worker is a process that imports torch and loads the model.
     submitted = instune_cli("submit", "run", str(config_file), "--address", address, "--set", "train.lr=2e-3",
-                            "--set", "scaling.num_workers=1", env=env, timeout=900)
+                            env=env, timeout=900)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     job_id = next(line.split()[2] for line in submitted.stdout.splitlines() if line.startswith("[submit] job "))
     # The logs streamed back are the job's: its entrypoint, then the run's summary of what it wrote.
