@@ -267,6 +267,22 @@ def _signature_matrix(column: pa.ChunkedArray | pa.Array, num_perm: int) -> np.n
     return _array(column).flatten().to_numpy().reshape(-1, num_perm)
 
 
+def _without_signatures(signed: ray.data.Dataset, directory: str | None) -> ray.data.Dataset:
+    """The signed records without their signatures and band keys, most of the bytes, for the marking pass.
+
+    Written to `directory`, they are read back with the other columns named in the read: a `drop_columns`
+    after the read still cost its projection pass (1.4 s against 0.9 s for 26k records on 2 CPUs).
+    """
+    from instune.data.raydata import has_parquet, read_parquet
+
+    if directory is None or not has_parquet(directory):
+        return signed.drop_columns([SIGNATURE_COLUMN, BAND_COLUMN])
+    import pyarrow.dataset as pads
+
+    names = pads.dataset(directory, format="parquet").schema.names
+    return read_parquet(directory, columns=[n for n in names if n not in (SIGNATURE_COLUMN, BAND_COLUMN)])
+
+
 def _mark_near(batch: pa.Table, rejected_keys: pa.Array, reasons: list[str]) -> pa.Table:
     where = pc.index_in(batch[ORDER_COLUMN], value_set=rejected_keys).to_pylist()
     return mark_table(batch, [None if k is None else (STAGE, reasons[k]) for k in where])
@@ -296,9 +312,7 @@ def near_dedup(
         for row, (kept_row, similarity) in sorted(greedy_duplicates(signatures, pairs, threshold).items()):
             rejected_keys.append(candidates[row].as_py())
             reasons.append(_reason(id_of(candidates[kept_row].as_py()), similarity))
-    # Signatures and band keys are dropped before marking: read back from Parquet, their columns are then
-    # not read at all (Ray pushes the projection into the read), and they were most of the bytes.
-    marked = signed.drop_columns([SIGNATURE_COLUMN, BAND_COLUMN]).map_batches(
+    marked = _without_signatures(signed, directory).map_batches(
         _mark_near, fn_kwargs={"rejected_keys": pa.array(rejected_keys, pa.string()), "reasons": reasons},
         batch_format="pyarrow")
     return split_marked(marked, drop=[ORDER_COLUMN], quarantine=quarantine)
