@@ -102,11 +102,21 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     return image.convert("RGB")
 
 
-def resized_png(image: Image.Image, size: int) -> bytes:
-    """`image` resized to size x size, as PNG bytes: what later stages read (small, lossless)."""
+def resized_image(image: Image.Image, size: int) -> Image.Image:
+    """`image` resized to size x size."""
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` as PNG bytes: what later stages read (small, lossless)."""
     buffer = io.BytesIO()
-    image.resize((size, size), Image.Resampling.BICUBIC).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def resized_png(image: Image.Image, size: int) -> bytes:
+    """`image` resized to size x size, as PNG bytes."""
+    return png_bytes(resized_image(image, size))
 
 
 def images_digest(originals: list[bytes]) -> str:

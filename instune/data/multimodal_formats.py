@@ -23,9 +23,11 @@ from __future__ import annotations
 import os
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from instune.data.formats import RecordError, _example, normalise, record_metadata
 from instune.data.images import (ImageError, ImageLimits, decode_image, image_reference, images_digest,
-                                 read_image_bytes, resized_png)
+                                 png_bytes, read_image_bytes, resized_image)
 from instune.data.read import RawItem, json_type_name
 from instune.data.schema import make_record, make_reject
 
@@ -124,9 +126,17 @@ RECORD_FIELDS = ("id", "source", "domain", "messages", "metadata")
 def with_images(pending: dict, limits: ImageLimits) -> dict:
     """The record with `images` (each read, decoded, checked and resized to PNG) and `images_digest` (of the
     original bytes, for exact dedup); ImageError (the reject reason) for the first image that cannot be used."""
+    return with_resized_images(pending, limits)[0]
+
+
+def with_resized_images(pending: dict, limits: ImageLimits) -> tuple[dict, list[np.ndarray]]:
+    """`with_images`' record and its resized images as RGB arrays (height, width, 3): the pixels the PNGs hold,
+    for a caller that tokenizes the record at once without decoding its PNGs again."""
     originals = [read_image_bytes(r, pending["base_dir"]) for r in pending["image_refs"]]
-    images = [resized_png(decode_image(data, limits), limits.size) for data in originals]
-    return {**{k: pending[k] for k in RECORD_FIELDS}, "images": images, "images_digest": images_digest(originals)}
+    resized = [resized_image(decode_image(data, limits), limits.size) for data in originals]
+    record = {**{k: pending[k] for k in RECORD_FIELDS}, "images": [png_bytes(image) for image in resized],
+              "images_digest": images_digest(originals)}
+    return record, [np.asarray(image) for image in resized]
 
 
 def image_reject(pending: dict, reason: str) -> dict:

@@ -93,15 +93,17 @@ class ImagePixels:
     def _from_processor(self, images: list) -> np.ndarray:
         return np.asarray(self.image_processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32)
 
-    def __call__(self, pngs: list[bytes]) -> np.ndarray:
+    def __call__(self, images: list[bytes | np.ndarray]) -> np.ndarray:
+        """Pixel values of `images`: PNG bytes, or RGB arrays (height, width, 3) already decoded."""
         from PIL import Image
 
-        if not pngs:
+        if not images:
             return np.zeros((0, 3, self.side, self.side), dtype=np.float32)
-        images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
-        if self.scale is None or any(image.size != (self.side, self.side) for image in images):
-            return self._from_processor(images)
-        pixels = np.stack([np.asarray(image) for image in images]).astype(np.float32) * self.scale + self.shift
+        arrays = [image if isinstance(image, np.ndarray) else np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+                  for image in images]
+        if self.scale is None or any(array.shape != (self.side, self.side, 3) for array in arrays):
+            return self._from_processor([Image.fromarray(array) for array in arrays])
+        pixels = np.stack(arrays).astype(np.float32) * self.scale + self.shift
         return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
@@ -110,7 +112,8 @@ def tokenize_multimodal(records: list[dict], processor, image: ImageTokens, max_
     """One training example per record ({input_ids, labels, pixel_values, image_shape}), or its TokenizeError.
 
     The first example of each record is used (tokenize.tokenize_batch's rule), so the images stay with the turn
-    that names them. `pixels` (made from the processor if not given) computes the batch's images at once."""
+    that names them. A record's `images` are PNG bytes or decoded RGB arrays (ImagePixels); `pixels` (made from
+    the processor if not given) computes the batch's images at once."""
     encoded = encode_conversations([r["messages"] for r in records], processor.tokenizer, UNLIMITED, "drop")
     results: list[dict | TokenizeError] = []
     for record, result in zip(records, encoded):

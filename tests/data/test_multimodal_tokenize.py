@@ -67,6 +67,9 @@ def test_image_pixels_equal_the_processors_own_values(tiny_vlm):
     for side in (32, 40):  # 40: not the input size, so the processor resizes (its own call)
         pngs = noise_pngs(side)
         assert np.abs(pixels(pngs) - processors_own(pngs, image_processor)).max() < 1e-5
+        # Decoded arrays (what prepare passes: the pixels its PNGs were written from) give the same values.
+        arrays = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]
+        assert np.array_equal(pixels(arrays), pixels(pngs))
     assert pixels([]).shape == (0, 3, 32, 32)
     cropping = copy.deepcopy(image_processor)
     cropping.do_center_crop, cropping.crop_size = True, {"height": 24, "width": 24}
