@@ -120,9 +120,13 @@ def resized_png(image: Image.Image, size: int) -> bytes:
 
 
 def images_digest(originals: list[bytes]) -> str:
-    """A digest of the original bytes of a record's images, in order: exact dedup compares it with the text."""
-    digest = hashlib.blake2b(digest_size=16)
+    """A digest of the original bytes of a record's images, in order: exact dedup compares it with the text.
+
+    SHA-256 (its first 128 bits): with the CPUs' SHA instructions it hashed 1.8 GB/s on this project's machine,
+    blake2b 0.9 GB/s, whose 0.47 ms for a 384-pixel noise PNG (440 KB) was half of what prepare added to
+    decoding it."""
+    digest = hashlib.sha256()
     for data in originals:
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
