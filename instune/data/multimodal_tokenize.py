@@ -108,13 +108,15 @@ class ImagePixels:
 
 
 def tokenize_multimodal(records: list[dict], processor, image: ImageTokens, max_length: int,
-                        pixels: ImagePixels | None = None) -> list[dict | TokenizeError]:
+                        pixels: ImagePixels | None = None, render=None, backend=None) -> list[dict | TokenizeError]:
     """One training example per record ({input_ids, labels, pixel_values, image_shape}), or its TokenizeError.
 
     The first example of each record is used (tokenize.tokenize_batch's rule), so the images stay with the turn
     that names them. A record's `images` are PNG bytes or decoded RGB arrays (ImagePixels); `pixels` (made from
-    the processor if not given) computes the batch's images at once."""
-    encoded = encode_conversations([r["messages"] for r in records], processor.tokenizer, UNLIMITED, "drop")
+    the processor if not given) computes the batch's images at once; `render` and `backend` are
+    tokenize.encode_conversations' (a caller tokenizing many batches builds them once)."""
+    encoded = encode_conversations([r["messages"] for r in records], processor.tokenizer, UNLIMITED, "drop",
+                                   render=render, backend=backend)
     results: list[dict | TokenizeError] = []
     for record, result in zip(records, encoded):
         if isinstance(result, TokenizeError):
