@@ -21,24 +21,23 @@ against text only, on the same cores and the same model.
    prints tokens/s of both (every position computed, image tokens included) and their ratio. `--steps 0`
    leaves it out.
 
-Measured (2 cores shared with other jobs, load 6-13; 4000 images of 96x96, `--steps 0 --rounds 3`; before and
-after alternated, same seeded corpus). Before: the image tasks ran one at a time (Ray Data gave exact dedup's
-key-and-write operator its own share of the 2 CPUs), and filtered/ was written, then read back to tokenize in a
-third Ray Data job. After: those maps run in the image tasks, and the tasks that write filtered/ tokenize.
-                         decode images/s  prepare images/s  ratio   CPU ms/image decode  prepare  CPU ratio
-    before, run 1              3438              514          0.15               0.46      1.53      0.30
-    after,  run 1              1463              535          0.37               0.47      1.27      0.37
-    before, run 2              1898              573          0.30               0.48      1.57      0.31
-    after,  run 2              4818             1010          0.21               0.41      1.12      0.36
-The decode baseline moved 3x between runs with the other jobs' load, so these wall ratios say little; CPU per
-image is steadier: prepare went from ~1.55 to ~1.2 ms an image, against 0.41-0.48 for decoding alone. Below 0.7
-on these small images: measured in one process (CPU time, 1024 images), prepare's own work is decode, check and
-resize 0.48 ms (the baseline's 0.47), tokenize 0.17 (pixel values 0.08, chat template and tokenizer 0.05), the
-Parquet writes 0.07, read and dedup keys 0.05; Ray Data's tasks, block transfers and scheduling (workers ~1.05
-ms an image in all, driver and raylet ~0.2) make up the rest. Larger images cost more to decode and the same
-to tokenize: with 2000 images of 384x384 (`--size 384 --rounds 2`, load 4-10), before: decode 594 images/s,
-prepare 210 (ratio 0.35; CPU 3.33 against 4.98 ms an image, 0.67); after, two runs: decode 272 and 364, prepare
-196 and 237 (ratio 0.72 and 0.65; CPU 3.60 against 5.11 ms, 0.71, and 3.69 against 4.97, 0.74).
+Measured (2 cores, quiet machine, load ~1; `--steps 0`; best of 3 rounds, 2 for the larger sizes):
+                                 decode images/s  prepare images/s  ratio   CPU ms/image decode  prepare  CPU ratio
+    96 px, 4000 images, before         4237              875          0.21               0.45      1.34      0.33
+    96 px, 4000 images, after          4435             2011          0.45               0.43      0.91      0.47
+                    (another run)      4337             2076          0.48               0.44      0.86      0.51
+    224 px, 3000 images, after         1593             1061          0.67               1.23      1.76      0.70
+    384 px, 2000 images, after          616              477          0.77               3.19      4.03      0.79
+Before, the images were decoded, keyed and written to a work directory, read back to deduplicate and tokenize,
+and written again, in three Ray Data jobs whose image tasks ran one at a time on 2 CPUs. After, one pass decodes,
+tokenizes and writes each block (prepare_multimodal.write_block) and exact dedup edits the few parts that hold
+duplicates (multimodal_parts.py); that pass runs two tasks at a time (the pending records materialized first,
+Ray Data's per-operator CPU reservation off); tokenizing takes the resized arrays, not their PNGs decoded again;
+the image digest is SHA-256 (twice blake2b's speed here). Below 0.7 on small images: in one process
+(`write_block` on the 96-px corpus, CPU time) prepare costs 0.62 ms an image against the baseline's 0.40 (the
+extra: tokenizing 0.09, the Parquet writes 0.06, the digest, arrays and record dicts 0.06), a ceiling of 0.64;
+in Ray's workers the same blocks cost 0.85 ms an image (task, block and metadata handling, ~20 ms a task of 128
+images) and the driver 0.08. Decoding grows with the image and the rest does not, so the ratio rises with size.
 Training (`--steps 20`, load ~6): 16,382 tokens/s with images, 18,738 text only (ratio 0.87).
 """
 
