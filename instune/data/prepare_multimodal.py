@@ -143,6 +143,8 @@ def remove_exact_duplicates(keys_dir: str, out_dir: str) -> int:
     firsts = np.asarray(repeated["first"].to_pylist(), dtype=object)[order]
     duplicates = collect(read_parquet(keys_dir).map_batches(duplicate_rows, batch_format="pyarrow",
                                                             fn_kwargs={"hashes": hashes, "firsts": firsts}))
+    if duplicates is None:
+        return 0
     # One block per task, each holding whole parts, so no part is rewritten by two tasks.
     parts = pc.unique(duplicates[PART_COLUMN]).to_pylist()
     blocks = [duplicates.filter(pc.is_in(duplicates[PART_COLUMN], value_set=pa.array(parts[i::cluster_cpus()])))

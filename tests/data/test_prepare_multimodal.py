@@ -21,10 +21,13 @@ def _turns(question, answer):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
-# ~30 s on 2 cores, most of it the tokenize task importing transformers and loading the processor: the one test
-# of the multimodal prepare through Ray Data (read tasks, exact dedup, tokenization, accounting).
+# 5-7 s a case on 2 cores, most of it the image tasks importing transformers and loading the processor: the one
+# test of the multimodal prepare through Ray Data (read tasks, image tasks writing parts, exact dedup on the parts,
+# tokenization, accounting).
 @pytest.mark.slow
-def test_prepare_accounts_for_every_record_and_bad_image(local_ray, tiny_vlm, tmp_path):
+@pytest.mark.parametrize("block_rows", [128, 3])  # 3: duplicates and their firsts in different parts
+def test_prepare_accounts_for_every_record_and_bad_image(local_ray, tiny_vlm, tmp_path, monkeypatch, block_rows):
+    monkeypatch.setattr("instune.data.prepare_multimodal.IMAGE_BLOCK_ROWS", block_rows)
     corpus = tmp_path / "corpus"
     (corpus / "img").mkdir(parents=True)
     for name, colour in [("red", (255, 0, 0)), ("red_copy", (255, 0, 0)), ("blue", (0, 0, 255))]:
