@@ -89,9 +89,9 @@ def checked_images(batch: pa.Table, limits: ImageLimits, quarantine: str) -> tup
 
 
 def write_parts(sources: list[MultimodalSource], model_path: str, out_dir: str, *, limits: ImageLimits,
-                max_length: int, max_record_bytes: int, counts_dir: str):
-    """A Ray Dataset of the dedup keys of every record written; consuming it writes the parts (the records are
-    read here).
+                max_length: int, max_record_bytes: int, counts_dir: str, keys_dir: str | None) -> int:
+    """Write every record with usable images as parts under `out_dir` (write_block), each part's exact-dedup keys
+    to `keys_dir` (None: no dedup); the number of records written.
 
     One read task per file parses its records; their images are read, decoded, resized, tokenized and written
     in tasks of IMAGE_BLOCK_ROWS records each (write_block), so a corpus in one file still decodes on every core
@@ -112,15 +112,16 @@ def write_parts(sources: list[MultimodalSource], model_path: str, out_dir: str, 
     # at a time), and prepare took 3.6 s for 4,000 small images against 2.2 s this way. A corpus larger than the
     # object store spills to disk for the length of this pass, as Ray Data's materialize does.
     pending = pending.repartition(target_num_rows_per_block=IMAGE_BLOCK_ROWS).materialize()
-    keys = pending.map_batches(
+    written = pending.map_batches(
         write_block, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"limits": limits, "model_path": model_path, "max_length": max_length, "out_dir": out_dir,
-                   "quarantine": quarantine})
+                   "quarantine": quarantine, "keys_dir": keys_dir})
     # Ray Data 2.60 reserves part of the CPUs for each operator's own use; with this one operator on 2 CPUs that
     # left it one task at a time (measured: 3.7 s against 2.2 s for the pass above). The dataset's own context,
     # so nothing else the caller runs changes.
-    keys.context.op_resource_reservation_enabled = False
-    return keys
+    written.context.op_resource_reservation_enabled = False
+    return sum(int(t["written"].to_numpy().sum())
+               for t in written.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows)
 
 
 def remove_exact_duplicates(keys_dir: str, out_dir: str) -> int:
@@ -176,10 +177,11 @@ def _processor(model_path: str) -> tuple:
 
 
 def write_block(batch: pa.Table, limits: ImageLimits, model_path: str, max_length: int, out_dir: str,
-                quarantine: str) -> pa.Table:
+                quarantine: str, keys_dir: str | None) -> pa.Table:
     """One block of pending records through the image checks and the tokenizer, written as a part
     (multimodal_parts.py): the records with usable images to filtered/, their tokenized rows to tokenized/, the
-    ones that cannot be trained on to dropped/. Returns each written record's dedup key and part."""
+    ones that cannot be trained on to dropped/; their dedup keys to `keys_dir` (written here: Ray Data's
+    Parquet sink cost more per block than the keys themselves). Returns the number of records written."""
     from instune.data.multimodal_parts import part_keys, part_name, write_part
 
     records, arrays = checked_images(batch, limits, quarantine)
@@ -193,7 +195,9 @@ def write_block(batch: pa.Table, limits: ImageLimits, model_path: str, max_lengt
         tokenized, dropped = tokenize_table(decoded, model_path, max_length)
         write_part(tokenized, os.path.join(out_dir, "tokenized"), name)
         write_part(dropped, os.path.join(out_dir, "dropped"), name)
-    return part_keys(records, name)
+        if keys_dir is not None:
+            write_part(part_keys(records, name), keys_dir, name)
+    return pa.table({"written": [len(records)]})
 
 
 def tokenize_table(records: list[dict], model_path: str, max_length: int) -> tuple[pa.Table, pa.Table]:
@@ -237,13 +241,11 @@ def prepare_multimodal(sources: list[MultimodalSource], model_path: str, out_dir
     out_dir, started = Path(out_dir), time.time()
     with atomic_dir(out_dir) as tmp:
         work = tmp / ".work"
-        keys = write_parts(sources, model_path, str(tmp), limits=limits, max_length=max_length,
-                           max_record_bytes=max_record_bytes, counts_dir=str(work / "read"))
-        if dedup:
-            keys.write_parquet(str(work / "keys"))
-            remove_exact_duplicates(str(work / "keys"), str(tmp))
-        else:
-            keys.materialize()
+        keys_dir = str(work / "keys") if dedup else None
+        write_parts(sources, model_path, str(tmp), limits=limits, max_length=max_length,
+                    max_record_bytes=max_record_bytes, counts_dir=str(work / "read"), keys_dir=keys_dir)
+        if keys_dir is not None:
+            remove_exact_duplicates(keys_dir, str(tmp))
         (tmp / "filtered").mkdir(exist_ok=True)
         counts = phase1_counts(read_counts(work / "read", sources), tmp / "filtered", tmp / "quarantine",
                                MULTIMODAL_STAGES)
