@@ -95,8 +95,10 @@ def remove_duplicates(batch: pa.Table, out_dir: str, quarantine: str) -> pa.Tabl
         dropped_path = os.path.join(out_dir, "dropped", name)
         if os.path.exists(dropped_path):
             dropped = pq.read_table(dropped_path)
-            gone = {record_location(r) for r in records}
-            keep = [(f, r) not in gone for f, r in zip(dropped["file"].to_pylist(), dropped["record"].to_pylist())]
+            # A part can hold records of two sources (blocks are cut across files), whose files may share a name.
+            gone = {(r["source"], *record_location(r)) for r in records}
+            keep = [row not in gone for row in zip(dropped["source"].to_pylist(), dropped["file"].to_pylist(),
+                                                   dropped["record"].to_pylist())]
             write_part(dropped.filter(pa.array(keep, pa.bool_())), os.path.join(out_dir, "dropped"), name)
         write_part(filtered.filter(pc.invert(duplicate)), os.path.join(out_dir, "filtered"), name)
         removed.append({PART_COLUMN: name, "removed": len(records)})

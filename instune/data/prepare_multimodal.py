@@ -147,9 +147,9 @@ def remove_exact_duplicates(keys_dir: str, out_dir: str) -> int:
     if duplicates is None:
         return 0
     # One block per task, each holding whole parts, so no part is rewritten by two tasks.
-    parts = pc.unique(duplicates[PART_COLUMN]).to_pylist()
-    blocks = [duplicates.filter(pc.is_in(duplicates[PART_COLUMN], value_set=pa.array(parts[i::cluster_cpus()])))
-              for i in range(min(cluster_cpus(), len(parts)))]
+    parts, tasks = pc.unique(duplicates[PART_COLUMN]).to_pylist(), cluster_cpus()
+    blocks = [duplicates.filter(pc.is_in(duplicates[PART_COLUMN], value_set=pa.array(parts[i::tasks])))
+              for i in range(min(tasks, len(parts)))]
     removed = ray.data.from_arrow(blocks).map_batches(
         remove_duplicates, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"out_dir": out_dir, "quarantine": os.path.join(out_dir, "quarantine")})

@@ -61,3 +61,20 @@ def test_a_part_left_empty_is_removed(tmp_path):
     write_part(pa.table({"id": ["x"]}), str(tmp_path), name)
     write_part(pa.table({"id": pa.array([], pa.string())}), str(tmp_path), name)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_duplicate_leaves_only_its_own_sources_drop(tmp_path):
+    # Sources a and b both read a file named c.json; their records 0 share a part. a's record 1 duplicates a's
+    # record 0 and was dropped; b's record 1 was dropped too and is no duplicate: it stays in dropped/.
+    def own(source, i, answer):
+        return {**record(i, answer), "id": f"{source}:c.json:{i}", "source": source}
+
+    records = [own("a", 0, "long"), own("a", 1, "Long"), own("b", 0, "x"), own("b", 1, "y")]
+    name = part_name([r["id"] for r in records])
+    write_part(pa.Table.from_pylist(records, schema=MULTIMODAL_RECORD_SCHEMA), str(tmp_path / "filtered"), name)
+    write_part(pa.Table.from_pylist([reject_for_record(r, "tokenize", "too long") for r in records],
+                                    schema=REJECT_SCHEMA), str(tmp_path / "dropped"), name)
+    duplicates = pa.table({"id": ["a:c.json:1"], PART_COLUMN: [name], "reason": ["exact duplicate of a:c.json:0"]})
+    remove_duplicates(duplicates, str(tmp_path), str(tmp_path / "quarantine"))
+    left = pq.read_table(tmp_path / "dropped").to_pylist()
+    assert sorted((r["source"], r["record"]) for r in left) == [("a", "index 0"), ("b", "index 0"), ("b", "index 1")]
