@@ -192,16 +192,18 @@ def write_block(batch: pa.Table, limits: ImageLimits, model_path: str, max_lengt
         # Tokenized from the arrays the PNGs were made from: decoding the PNGs again cost about a tenth of a
         # millisecond an image, a fifth of decoding the original.
         decoded = [{**record, "images": images} for record, images in zip(records, arrays)]
-        tokenized, dropped = tokenize_table(decoded, model_path, max_length)
+        tokenized, dropped, trained = tokenize_table(decoded, model_path, max_length)
         write_part(tokenized, os.path.join(out_dir, "tokenized"), name)
         write_part(dropped, os.path.join(out_dir, "dropped"), name)
         if keys_dir is not None:
-            write_part(part_keys(records, name), keys_dir, name)
+            write_part(part_keys(records, name, trained), keys_dir, name)
     return pa.table({"written": [len(records)]})
 
 
-def tokenize_table(records: list[dict], model_path: str, max_length: int) -> tuple[pa.Table, pa.Table]:
-    """(tokenized rows, reject rows of the records that cannot be trained on) of filtered records."""
+def tokenize_table(records: list[dict], model_path: str, max_length: int
+                   ) -> tuple[pa.Table, pa.Table, list[bool]]:
+    """(tokenized rows, reject rows of the records that cannot be trained on, which records were tokenized) of
+    filtered records; both tables in the records' order."""
     import numpy as np
 
     from instune.data.filters import reject_for_record
@@ -227,7 +229,9 @@ def tokenize_table(records: list[dict], model_path: str, max_length: int) -> tup
         value_type = TOKENIZED_SCHEMA.field(name).type.value_type
         columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
     columns["image_shape"] = [result["image_shape"] for _, result in rows]
-    return pa.table(columns, schema=TOKENIZED_SCHEMA), pa.Table.from_pylist(dropped, schema=REJECT_SCHEMA)
+    trained = [not isinstance(result, TokenizeError) for result in results]
+    return (pa.table(columns, schema=TOKENIZED_SCHEMA), pa.Table.from_pylist(dropped, schema=REJECT_SCHEMA),
+            trained)
 
 
 def prepare_multimodal(sources: list[MultimodalSource], model_path: str, out_dir: str | Path, *,
