@@ -11,7 +11,6 @@ quarantine rows written first, so a part rewritten twice (a task run again) come
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 
@@ -19,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from instune.data.dedup.exact import HASH_COLUMN, ORDER_COLUMN, STAGE, id_of, order_key, text_hash
+from instune.data.dedup.exact import HASH_COLUMN, ORDER_COLUMN, STAGE, firsts_duplicated, order_key, text_hash
 from instune.data.filters import reject_for_record
+from instune.data.rejects import once_name, write_named, write_rejects
 
 PART_COLUMN = "_part"
 # Where each record sits in its part: its row in filtered/, and in tokenized/ or dropped/ (the other -1); and the
@@ -28,26 +28,20 @@ PART_COLUMN = "_part"
 POSITION_COLUMNS = ("row", "tokenized_row", "dropped_row", "filtered_rows", "tokenized_rows", "dropped_rows")
 KEYS_SCHEMA = pa.schema([(HASH_COLUMN, pa.int64()), (ORDER_COLUMN, pa.string()), (PART_COLUMN, pa.string()),
                          *[(name, pa.int32()) for name in POSITION_COLUMNS]])
-PART_DIRS = ("filtered", "tokenized", "dropped")
 
 
 def part_name(ids: list[str]) -> str:
-    """The file name of the part holding the records `ids` (the same in each of PART_DIRS): a task that runs
-    again writes the same files."""
-    return hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest() + ".parquet"
+    """The file name of the part holding the records `ids`, the same in filtered/, tokenized/, dropped/ and the
+    keys: a task that runs again writes the same files."""
+    return once_name("\n".join(ids))
 
 
 def write_part(table: pa.Table, directory: str, name: str) -> None:
-    """`table` as `directory/name`, under a hidden name first and then renamed; an empty table removes the file."""
-    path = os.path.join(directory, name)
-    if not table.num_rows:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    os.makedirs(directory, exist_ok=True)
-    partial = os.path.join(directory, f".{name}.{os.getpid()}.partial")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+    """`table` as `directory/name` (rejects.write_named); an empty table removes the file."""
+    if table.num_rows:
+        write_named(table, directory, name)
+    elif os.path.exists(os.path.join(directory, name)):
+        os.remove(os.path.join(directory, name))
 
 
 def part_keys(records: list[dict], name: str, tokenized: list[bool]) -> pa.Table:
@@ -72,16 +66,13 @@ def part_keys(records: list[dict], name: str, tokenized: list[bool]) -> pa.Table
 
 
 def duplicate_rows(keys: pa.Table, hashes: np.ndarray, firsts: np.ndarray) -> pa.Table:
-    """The rows of `keys` that repeat a key held by a record earlier in id order ("first"), with their reason.
+    """The rows of `keys` that repeat a key held by a record earlier in id order, with their reason and place.
 
-    `hashes` (sorted) and `firsts` are raydata.repeated_keys' answer as arrays."""
-    own = keys[HASH_COLUMN].to_numpy()
-    slot = np.clip(np.searchsorted(hashes, own), 0, max(len(hashes) - 1, 0))
-    duplicated = hashes[slot] == own if len(hashes) else np.zeros(len(own), bool)
-    orders = keys[ORDER_COLUMN].to_pylist()
-    rows = [i for i, (dup, s, order) in enumerate(zip(duplicated, slot, orders)) if dup and firsts[s] != order]
+    `hashes` and `firsts` are dedup/exact.sorted_repeats'."""
+    duplicated = firsts_duplicated(keys, hashes, firsts)
+    rows = [i for i, first in enumerate(duplicated) if first]
     picked = keys.take(pa.array(rows, pa.int64()))
-    reasons = [f"exact duplicate of {id_of(firsts[slot[i]])}" for i in rows]
+    reasons = [f"exact duplicate of {duplicated[i]}" for i in rows]
     return pa.table({PART_COLUMN: picked[PART_COLUMN], "reason": pa.array(reasons, pa.string()),
                      **{name: picked[name] for name in POSITION_COLUMNS}})
 
@@ -104,8 +95,6 @@ def remove_duplicates(batch: pa.Table, out_dir: str, quarantine: str) -> pa.Tabl
     """Take the duplicate records of `batch` (duplicate_rows, whole parts only) out of their parts: their
     quarantine rows are written, then tokenized/, dropped/ and last filtered/ are rewritten without them. Runs in a
     Ray task per group of parts; returns the rows removed per part (0 for a part an earlier attempt edited)."""
-    from instune.data.rejects import write_rejects
-
     by_part: dict[str, list[dict]] = defaultdict(list)
     for row in batch.to_pylist():
         by_part[row[PART_COLUMN]].append(row)

@@ -128,20 +128,17 @@ def remove_exact_duplicates(keys_dir: str, out_dir: str) -> int:
     """Take every exact duplicate (dedup/exact.py's rule: one record per normalised text and image bytes, the
     first in id order kept) out of the parts written under `out_dir`, from the keys in `keys_dir`; the number
     removed. Nothing but the keys is read when no key repeats."""
-    import numpy as np
     import pyarrow.compute as pc
     import ray.data
 
-    from instune.data.dedup.exact import HASH_COLUMN, ORDER_COLUMN
+    from instune.data.dedup.exact import HASH_COLUMN, ORDER_COLUMN, sorted_repeats
     from instune.data.multimodal_parts import PART_COLUMN, duplicate_rows, remove_duplicates
     from instune.data.raydata import cluster_cpus, collect, read_parquet, repeated_keys
 
     repeated = repeated_keys(None, keys_dir, HASH_COLUMN, ORDER_COLUMN)
     if repeated is None:
         return 0
-    order = np.argsort(repeated[HASH_COLUMN].to_numpy())
-    hashes = repeated[HASH_COLUMN].to_numpy()[order]
-    firsts = np.asarray(repeated["first"].to_pylist(), dtype=object)[order]
+    hashes, firsts = sorted_repeats(repeated)
     duplicates = collect(read_parquet(keys_dir).map_batches(duplicate_rows, batch_format="pyarrow",
                                                             fn_kwargs={"hashes": hashes, "firsts": firsts}))
     if duplicates is None:

@@ -23,16 +23,25 @@ from instune.data.schema import REJECT_COLUMNS
 REJECT_SCHEMA = pa.schema([(name, pa.string()) for name in REJECT_COLUMNS])
 
 
-def write_once(table: pa.Table, directory: str, key: str) -> None:
-    """`table` as `directory/<digest of key>.parquet`, written under a hidden name and renamed: `key` names what
-    the table holds, so a task that runs again rewrites the same file."""
+def once_name(key: str) -> str:
+    """The file name `write_once` gives a table that `key` names."""
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".parquet"
+
+
+def write_named(table: pa.Table, directory: str, name: str) -> None:
+    """`table` as `directory/name`, written under a hidden name and renamed, so no reader takes a partial file."""
     import pyarrow.parquet as pq
 
-    name = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
     os.makedirs(directory, exist_ok=True)
     partial = os.path.join(directory, f".{name}.{os.getpid()}.partial")
     pq.write_table(table, partial)
-    os.replace(partial, os.path.join(directory, f"{name}.parquet"))
+    os.replace(partial, os.path.join(directory, name))
+
+
+def write_once(table: pa.Table, directory: str, key: str) -> None:
+    """`table` as `directory/<digest of key>.parquet` (write_named): `key` names what the table holds, so a task
+    that runs again rewrites the same file."""
+    write_named(table, directory, once_name(key))
 
 
 def write_rejects(rows: list[dict], directory: str) -> None:

@@ -1,11 +1,10 @@
 """Exact dedup on written parts (multimodal_parts.py): duplicates leave filtered/, tokenized/ and dropped/ for the
 quarantine, every other row stays, and a second run (a retried task) changes nothing."""
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from instune.data.dedup.exact import HASH_COLUMN, ORDER_COLUMN
+from instune.data.dedup.exact import HASH_COLUMN, ORDER_COLUMN, sorted_repeats
 from instune.data.filters import reject_for_record
 from instune.data.multimodal_parts import (PART_COLUMN, duplicate_rows, part_keys, part_name, remove_duplicates,
                                            write_part)
@@ -33,10 +32,7 @@ def write(tmp_path, records, tokenized):
 
 
 def duplicates_of(keys):
-    repeated = _repeated_here(keys, HASH_COLUMN, ORDER_COLUMN)
-    order = np.argsort(repeated[HASH_COLUMN].to_numpy())
-    return duplicate_rows(keys, repeated[HASH_COLUMN].to_numpy()[order],
-                          np.asarray(repeated["first"].to_pylist(), dtype=object)[order])
+    return duplicate_rows(keys, *sorted_repeats(_repeated_here(keys, HASH_COLUMN, ORDER_COLUMN)))
 
 
 def test_duplicates_leave_every_output_of_their_part(tmp_path):

@@ -72,16 +72,29 @@ def _add_keys(batch: pa.Table) -> pa.Table:
     return batch.append_column(ORDER_COLUMN, pa.array([order_key(r["id"]) for r in rows], pa.string()))
 
 
-def _mark_duplicates(batch: pa.Table, hashes: np.ndarray, firsts: np.ndarray) -> pa.Table:
-    own_hash = batch[HASH_COLUMN].to_numpy()
-    own_order = np.asarray(batch[ORDER_COLUMN].to_pylist(), dtype=object)
+def sorted_repeats(repeated: pa.Table | None) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, the first order key of each) from raydata.repeated_keys' answer, sorted by hash for
+    `firsts_duplicated`; empty arrays for None (no key repeats)."""
+    if repeated is None:
+        return np.zeros(0, np.int64), np.zeros(0, object)
+    order = np.argsort(repeated[HASH_COLUMN].to_numpy())
+    return repeated[HASH_COLUMN].to_numpy()[order], np.asarray(repeated["first"].to_pylist(), dtype=object)[order]
+
+
+def firsts_duplicated(keys: pa.Table, hashes: np.ndarray, firsts: np.ndarray) -> list[str | None]:
+    """For each row of `keys` (HASH_COLUMN, ORDER_COLUMN): the id of the record earlier in id order that it
+    duplicates, or None for a row that is kept. `hashes` and `firsts` are sorted_repeats'."""
+    own_hash = keys[HASH_COLUMN].to_numpy()
+    own_order = keys[ORDER_COLUMN].to_pylist()
     slot = np.clip(np.searchsorted(hashes, own_hash), 0, max(len(hashes) - 1, 0))
     duplicated = (hashes[slot] == own_hash) if len(hashes) else np.zeros(len(own_hash), bool)
-    failures = [
-        (STAGE, f"exact duplicate of {id_of(firsts[s])}") if dup and firsts[s] != order else None
-        for dup, s, order in zip(duplicated, slot, own_order)
-    ]
-    return mark_table(batch, failures)
+    return [id_of(firsts[s]) if dup and firsts[s] != order else None
+            for dup, s, order in zip(duplicated, slot, own_order)]
+
+
+def _mark_duplicates(batch: pa.Table, hashes: np.ndarray, firsts: np.ndarray) -> pa.Table:
+    return mark_table(batch, [(STAGE, f"exact duplicate of {first}") if first else None
+                              for first in firsts_duplicated(batch, hashes, firsts)])
 
 
 def exact_dedup(ds: ray.data.Dataset, work_dir: str | None = None, quarantine: str | None = None
@@ -92,13 +105,7 @@ def exact_dedup(ds: ray.data.Dataset, work_dir: str | None = None, quarantine: s
     views over them. With a `quarantine` directory the rejects are written there instead (filters.split_marked).
     """
     keyed = persist(ds.map_batches(_add_keys, batch_format="pyarrow"), work_dir)
-    duplicated = repeated_keys(keyed, work_dir, HASH_COLUMN, ORDER_COLUMN)
-    if duplicated is None:
-        hashes, firsts = np.zeros(0, np.int64), np.zeros(0, object)
-    else:
-        order = np.argsort(duplicated[HASH_COLUMN].to_numpy())
-        hashes = duplicated[HASH_COLUMN].to_numpy()[order]
-        firsts = np.asarray(duplicated["first"].to_pylist(), dtype=object)[order]
+    hashes, firsts = sorted_repeats(repeated_keys(keyed, work_dir, HASH_COLUMN, ORDER_COLUMN))
     # fn_kwargs travel inside the operator's map transformer, which Ray puts in the object store once.
     marked = keyed.map_batches(
         _mark_duplicates,
