@@ -1,11 +1,11 @@
 """Multimodal benchmark: images/s through prepare against decoding alone, and training tokens/s with images
 against text only, on the same cores and the same model.
 
-    python bench/multimodal_throughput.py [--images 4000] [--size 96] [--workdir /tmp/instune-mm-bench]
-                                          [--steps 20] [--rounds 3]
+    python bench/multimodal_throughput.py [--images 4000] [--size 96] [--format png|jpg]
+                                          [--workdir /tmp/instune-mm-bench] [--steps 20] [--rounds 3]
 
-1. Writes `--images` PNG files (`--size` pixels square, noise so they do not compress to nothing) and a
-   LLaVA JSON corpus naming them, in one file. The baseline decodes, checks and resizes every file with Pillow
+1. Writes `--images` image files (`--format`; `--size` pixels square, noise so they do not compress to nothing)
+   and a LLaVA JSON corpus naming them, in one file. The baseline decodes, checks and resizes every file with Pillow
    (images.decode_image + resized_png, what prepare does per image) in a process pool using every core.
    `prepare_multimodal` runs on a local Ray cluster with as many CPUs (read, decode, resize, exact dedup,
    tokenize with the processor, write). Fixed start-up is counted for neither side, as in
@@ -54,7 +54,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-def write_corpus(directory: Path, images: int, size: int) -> Path:
+def write_corpus(directory: Path, images: int, size: int, image_format: str) -> Path:
     from PIL import Image
 
     (directory / "img").mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,9 @@ def write_corpus(directory: Path, images: int, size: int) -> Path:
     records = []
     for i in range(images):
         image = Image.effect_noise((size, size), 40 + rng.random() * 20).convert("RGB")
-        image.save(directory / "img" / f"{i}.png")
-        records.append({"image": f"img/{i}.png", "conversations": [
+        name = f"img/{i}.{image_format}"
+        image.save(directory / name, **({"quality": 90} if image_format == "jpg" else {}))
+        records.append({"image": name, "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the shape?"},
             {"from": "gpt", "value": rng.choice(["red", "green", "blue", "yellow"])}]})
     (directory / "corpus.json").write_text(json.dumps(records))
@@ -117,7 +118,7 @@ def side_by_side(corpus: Path, model_dir: str, out: Path, cores: int, rounds: in
     from instune.data.prepare_multimodal import IMAGE_BLOCK_ROWS, MultimodalSource, prepare_multimodal
     from ray_start import init_local_ray  # bench/ is this script's directory
 
-    paths = sorted(str(p) for p in (corpus.parent / "img").glob("*.png"))
+    paths = sorted(str(p) for p in (corpus.parent / "img").iterdir())
     chunks = [paths[i::cores * 4] for i in range(cores * 4)]
 
     def prepare(file: Path) -> dict:
@@ -189,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--format", choices=["png", "jpg"], default="png", help="the corpus's image files")
     parser.add_argument("--steps", type=int, default=20, help="training steps per side; 0 leaves training out")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of decode and of warm prepare (best)")
     parser.add_argument("--workdir", default="/tmp/instune-mm-bench")
@@ -199,7 +201,7 @@ def main() -> None:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     cores = os.cpu_count() or 1
-    corpus = write_corpus(work / "corpus", args.images, args.size)
+    corpus = write_corpus(work / "corpus", args.images, args.size, args.format)
     model_dir = str(ensure_embedded_vlm(work / "model", [p for ps in PROMPTS.values() for p in ps] * 10))
     seconds = side_by_side(corpus, model_dir, work / "prepared", cores, args.rounds)
     with_images, text_only = (training_tokens_per_second(model_dir, work, args.steps) if args.steps
@@ -214,7 +216,7 @@ def main() -> None:
             ("train tokens/s with images", with_images),
             ("train tokens/s text only", text_only),
             ("ratio with images / text only", with_images / text_only)]
-    print(f"{args.images} images of {args.size}x{args.size} px, {cores} cores")
+    print(f"{args.images} {args.format} images of {args.size}x{args.size} px, {cores} cores")
     for name, value in rows:
         print(f"{name:<45}{value:>12.2f}")
 

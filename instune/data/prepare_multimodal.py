@@ -11,7 +11,7 @@ returns each record's exact-dedup key, and the duplicates are then taken out of 
 back.
 
 Layout under `out_dir` (written whole, then renamed): filtered/ (records with resized PNG images),
-quarantine/, tokenized/ (input_ids, labels, pixel_values, image_shape), dropped/, manifest.json.
+quarantine/, tokenized/ (input_ids, labels, the images: TOKENIZED_SCHEMA), dropped/, manifest.json.
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ PENDING_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("doma
                             ("image_refs", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
                             ("base_dir", pa.string()), ("file", pa.string()), ("position", pa.string()),
                             ("example", pa.string())])
+# A row's images (multimodal_tokenize.ImagePixels): their RGB bytes and the per-channel map to the processor's
+# pixel values, or those pixel values themselves; image_shape is (images, channels, height, width) of either.
 TOKENIZED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("domain", pa.string()),
                               ("metadata", pa.string()), ("input_ids", pa.list_(pa.int64())),
-                              ("labels", pa.list_(pa.int64())), ("pixel_values", pa.list_(pa.float32())),
+                              ("labels", pa.list_(pa.int64())), ("pixels", pa.list_(pa.uint8())),
+                              ("pixel_map", pa.list_(pa.float32())), ("pixel_values", pa.list_(pa.float32())),
                               ("image_shape", pa.list_(pa.int64()))])
 READ_TABLE_ROWS = 256  # pending records hold text and image references (from Parquet, the image bytes)
 # Records per image task, and so per block after it (dedup, filtered/, tokenize): enough images that a task's
@@ -218,8 +221,8 @@ def tokenize_table(records: list[dict], model_path: str, max_length: int
         rows.append((record, result))
     columns = {name: [record[name] for record, _ in rows] for name in ("id", "source", "domain", "metadata")}
     # The list columns are built from whole numpy arrays: from_pylist would convert thousands of pixel values
-    # per row one Python float at a time.
-    for name in ("input_ids", "labels", "pixel_values"):
+    # per row one Python number at a time.
+    for name in ("input_ids", "labels", "pixels", "pixel_map", "pixel_values"):
         arrays = [np.asarray(result[name]) for _, result in rows]
         offsets = np.cumsum([0] + [len(a) for a in arrays], dtype=np.int32)
         values = np.concatenate(arrays) if arrays else np.zeros(0)

@@ -33,7 +33,7 @@ class RetrievalPool:
 def score_matrix(model, processor, pool: RetrievalPool, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
     """(scores[image, caption], distinct captions): the mean log-likelihood of each caption given each image."""
     from instune.data.multimodal_tokenize import image_tokens, tokenize_multimodal
-    from instune.train.multimodal_batches import collate_multimodal
+    from instune.train.multimodal_batches import MULTIMODAL_COLUMNS, collate_multimodal
 
     captions = sorted(set(pool.captions))
     image = image_tokens(processor)
@@ -45,8 +45,7 @@ def score_matrix(model, processor, pool: RetrievalPool, batch_size: int = 64) ->
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            batch = collate_multimodal({k: [r[k] for r in chunk] for k in
-                                        ("input_ids", "labels", "pixel_values", "image_shape")})
+            batch = collate_multimodal({k: [r[k] for r in chunk] for k in MULTIMODAL_COLUMNS})
             scores.append(mean_target_logprob(model, batch))
     return torch.cat(scores).numpy().reshape(len(pool.images), len(captions)), captions
 

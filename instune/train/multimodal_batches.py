@@ -3,7 +3,8 @@
 Rows are not packed: an example's images belong to its own tokens, and LLaVA-style models find them by the
 image token's positions. Rows are right-padded to the longest in the batch with unlabelled tokens, which a
 causal model never attends to from a real position, so no attention mask is needed (as for packed rows).
-`pixel_values` holds every image of the batch, row after row, in the order their tokens appear.
+`pixel_values` holds every image of the batch, row after row, in the order their tokens appear: a row's stored
+RGB bytes through its per-channel map, or its stored pixel values (multimodal_tokenize.ImagePixels).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from instune.data.truncate import IGNORE_INDEX
 
-MULTIMODAL_COLUMNS = ("input_ids", "labels", "pixel_values", "image_shape")
+MULTIMODAL_COLUMNS = ("input_ids", "labels", "pixels", "pixel_map", "pixel_values", "image_shape")
 
 
 def collate_multimodal(columns: dict) -> dict[str, torch.Tensor]:
@@ -26,10 +27,19 @@ def collate_multimodal(columns: dict) -> dict[str, torch.Tensor]:
     for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
         input_ids[row, :len(row_ids)] = row_ids
         padded_labels[row, :len(row_labels)] = row_labels
-    images = [np.asarray(p, dtype=np.float32).reshape([int(s) for s in shape])
-              for p, shape in zip(columns["pixel_values"], columns["image_shape"]) if int(shape[0])]
+    images = [pixel_values(*row) for row in zip(columns["pixels"], columns["pixel_map"], columns["pixel_values"],
+                                                columns["image_shape"]) if int(row[3][0])]
     batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(padded_labels),
              "position_ids": torch.arange(length).expand(len(ids), length).clone()}
     if images:
         batch["pixel_values"] = torch.from_numpy(np.concatenate(images))
     return batch
+
+
+def pixel_values(pixels, pixel_map, values, shape) -> np.ndarray:
+    """One row's images as the processor's pixel values, (images, channels, height, width) float32."""
+    shape = [int(s) for s in shape]
+    if len(pixel_map) == 0:
+        return np.asarray(values, dtype=np.float32).reshape(shape)
+    scale_shift = np.asarray(pixel_map, dtype=np.float32).reshape(2, 1, -1, 1, 1)
+    return np.asarray(pixels, dtype=np.uint8).reshape(shape).astype(np.float32) * scale_shift[0] + scale_shift[1]

@@ -35,10 +35,12 @@ def test_image_tokens_in_place_and_labels_on_assistant_text_only(tiny_vlm):
     assert tokenizer.decode(ids[:positions[0]]) == "<|im_start|>user\n"
     assert tokenizer.decode(ids[positions[-1] + 1:]).startswith("\nWhat colour?<|im_end|>")
     assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == "red<|im_end|>"
-    assert first["image_shape"] == [1, 3, 32, 32] and len(first["pixel_values"]) == 3 * 32 * 32
+    # The tiny VLM's CLIP processor is a per-channel map of the pixels: rows keep RGB bytes and the map.
+    assert first["image_shape"] == [1, 3, 32, 32] and len(first["pixels"]) == 3 * 32 * 32
+    assert len(first["pixel_map"]) == 6 and len(first["pixel_values"]) == 0
     assert (second["input_ids"] == image.token_id).sum() == 32 and second["image_shape"][0] == 2
     # Two different images, two different pixel blocks, in order.
-    pixels = second["pixel_values"].reshape(second["image_shape"])
+    pixels = second["pixels"].reshape(second["image_shape"]).astype(float)
     assert pixels[0, 0].mean() > pixels[1, 0].mean() and pixels[1, 2].mean() > pixels[0, 2].mean()
     assert isinstance(too_long, TokenizeError) and "over model.max_length 100" in str(too_long)
 
@@ -47,6 +49,7 @@ def test_image_pixels_equal_the_processors_own_values(tiny_vlm):
     import copy
 
     from instune.data.multimodal_tokenize import ImagePixels
+    from instune.train.multimodal_batches import pixel_values
 
     image_processor = AutoProcessor.from_pretrained(tiny_vlm).image_processor
 
@@ -62,17 +65,25 @@ def test_image_pixels_equal_the_processors_own_values(tiny_vlm):
         images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
         return processor(images=images, return_tensors="np")["pixel_values"]
 
+    def batch_values(values, pixel_map):  # what a training batch computes from a row's columns
+        if pixel_map is None:
+            return pixel_values([], [], values.reshape(-1), values.shape)
+        return pixel_values(values.reshape(-1), pixel_map, [], values.shape)
+
     pixels = ImagePixels(image_processor)
     assert pixels.scale is not None  # CLIP's rescale + normalise at the input size: the numpy map
-    for side in (32, 40):  # 40: not the input size, so the processor resizes (its own call)
+    for side, stored in ((32, np.uint8), (40, np.float32)):  # 40: not the input size, the processor resizes
         pngs = noise_pngs(side)
-        assert np.abs(pixels(pngs) - processors_own(pngs, image_processor)).max() < 1e-5
+        values, pixel_map = pixels(pngs)
+        assert values.dtype == stored and (pixel_map is None) == (stored == np.float32)
+        assert np.abs(batch_values(values, pixel_map) - processors_own(pngs, image_processor)).max() < 1e-5
         # Decoded arrays (what prepare passes: the pixels its PNGs were written from) give the same values.
         arrays = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]
-        assert np.array_equal(pixels(arrays), pixels(pngs))
-    assert pixels([]).shape == (0, 3, 32, 32)
+        assert np.array_equal(pixels(arrays)[0], values)
+    assert pixels([])[0].shape == (0, 3, 32, 32)
     cropping = copy.deepcopy(image_processor)
     cropping.do_center_crop, cropping.crop_size = True, {"height": 24, "width": 24}
     assert ImagePixels(cropping).scale is None  # not a map of each pixel: every call goes to the processor
     pngs = noise_pngs(32)
-    assert np.abs(ImagePixels(cropping)(pngs) - processors_own(pngs, cropping)).max() < 1e-6
+    values, pixel_map = ImagePixels(cropping)(pngs)
+    assert pixel_map is None and np.abs(batch_values(values, None) - processors_own(pngs, cropping)).max() < 1e-6

@@ -80,6 +80,7 @@ def test_prepare_accounts_for_every_record_and_bad_image(local_ray, tiny_vlm, tm
     assert len(filtered) == len(set(filtered)) == 7 and {r["id"] for r in tokenized} < set(filtered)
     for row in tokenized:
         images = row["image_shape"][0]
-        assert row["image_shape"][1:] == [3, 32, 32] and len(row["pixel_values"]) == images * 3 * 32 * 32
+        assert row["image_shape"][1:] == [3, 32, 32] and len(row["pixels"]) == images * 3 * 32 * 32
+        assert len(row["pixel_map"]) == 6 and row["pixel_values"] == []
         assert np.sum(np.asarray(row["labels"]) != -100) >= 2  # the answer and its end-of-turn token
     assert sorted(r["image_shape"][0] for r in tokenized) == [1, 1, 1, 1, 1, 2]

@@ -63,11 +63,18 @@ def _train(model_dir, files, output, method: MethodSettings, steps: int, lr: flo
 
 def test_collate_pads_rows_and_stacks_images_in_order():
     batch = collate_multimodal({"input_ids": [[5, 6, 7], [8]], "labels": [[-100, 6, 7], [-100]],
+                                "pixels": [[], []], "pixel_map": [[], []],
                                 "pixel_values": [[1.0] * 12, [2.0] * 24], "image_shape": [[1, 3, 2, 2], [2, 3, 2, 2]]})
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
     assert batch["pixel_values"].shape == (3, 3, 2, 2) and batch["pixel_values"][:, 0, 0, 0].tolist() == [1, 2, 2]
+    # RGB bytes through each channel's scale and shift; a text-only row (no images) adds none.
+    pixel_map = [0.5, 1.0, 2.0, -1.0, 0.0, 1.0]
+    batch = collate_multimodal({"input_ids": [[5], [6]], "labels": [[5], [6]], "pixels": [[2] * 12, []],
+                                "pixel_map": [pixel_map, pixel_map], "pixel_values": [[], []],
+                                "image_shape": [[1, 3, 2, 2], [0, 3, 2, 2]]})
+    assert batch["pixel_values"].shape == (1, 3, 2, 2) and batch["pixel_values"][0, :, 0, 0].tolist() == [0, 2, 5]
 
 
 def _answer(model, processor, rgb) -> str:
