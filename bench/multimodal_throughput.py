@@ -1,44 +1,60 @@
 """Multimodal benchmark: images/s through prepare against decoding alone, and training tokens/s with images
 against text only, on the same cores and the same model.
 
-    python bench/multimodal_throughput.py [--images 4000] [--size 96] [--format png|jpg]
-                                          [--workdir /tmp/instune-mm-bench] [--steps 20] [--rounds 3]
+    python bench/multimodal_throughput.py [--corpora photos,noise] [--photos 1500] [--images 4000] [--size 96]
+                                          [--format png|jpg] [--workdir /tmp/instune-mm-bench] [--steps 20]
+                                          [--rounds 3]
 
-1. Writes `--images` image files (`--format`; `--size` pixels square, noise so they do not compress to nothing)
-   and a LLaVA JSON corpus naming them, in one file. The baseline decodes, checks and resizes every file with Pillow
-   (images.decode_image + resized_png, what prepare does per image) in a process pool using every core.
-   `prepare_multimodal` runs on a local Ray cluster with as many CPUs (read, decode, resize, exact dedup,
-   tokenize with the processor, write). Fixed start-up is counted for neither side, as in
-   bench/dedup_side_by_side.py: before the clock the pool's workers start and decode a few files, and the Ray
-   cluster starts and runs prepare on the corpus's first 2 x cores x IMAGE_BLOCK_ROWS records, so its workers
-   have imported transformers and torch and loaded the processor (that warm-up's seconds are printed, not
-   counted). Then `--rounds` rounds, decode and prepare taking turns so that both see the same load; best
-   of each. Ratio = prepare images/s / decode images/s. Also printed: CPU milliseconds per image of each side
-   (every process of this process tree while it runs), which moves much less than wall time with the load of
-   other jobs on a shared machine: the wall ratio approaches the CPU ratio when every core is free.
+1. For each corpus, writes its image files and a LLaVA JSON corpus naming them, in one file:
+   - photos (the default's first): 640x480 JPEG photographs, the size of COCO's, whose images LLaVA-Instruct
+     and most image-text instruction sets use (photo_images: crops of scikit-learn's two bundled photographs);
+   - noise: `--images` squares of `--size` pixels (`--format`), noise, so the files do not compress: at 96
+     pixels, the case where prepare's own per-image work weighs most against decoding.
+   The baseline decodes, checks and resizes every file with Pillow (images.decode_image + resized_png, what
+   prepare does per image) in a process pool using every core. `prepare_multimodal` runs on a local Ray cluster
+   with as many CPUs (read, decode, resize, exact dedup, tokenize with the processor, write). Fixed start-up is
+   counted for neither side, as in bench/dedup_side_by_side.py: before the clock the pool's workers start and
+   decode a few files, and the Ray cluster starts and runs prepare on the corpus's first
+   2 x cores x IMAGE_BLOCK_ROWS records, so its workers have imported transformers and torch and loaded the
+   processor (that warm-up's seconds are printed, not counted). Then `--rounds` rounds, decode and prepare
+   taking turns so that both see the same load; best of each. Ratio = prepare images/s / decode images/s. Also
+   printed: CPU milliseconds per image of each side (every process of this process tree while it runs), which
+   moves much less than wall time with the load of other jobs on a shared machine: the wall ratio approaches
+   the CPU ratio when every core is free.
 2. Trains the embedded VLM through the per-worker loop (one process, LoRA) for `--steps` steps on rows with
    one image each, and on the same rows with the image removed (text only, same prompts and answers), and
    prints tokens/s of both (every position computed, image tokens included) and their ratio. `--steps 0`
    leaves it out.
 
-Measured (2 cores, quiet machine, load ~1; `--steps 0`; best of 3 rounds, 2 for the larger sizes):
-                                 decode images/s  prepare images/s  ratio   CPU ms/image decode  prepare  CPU ratio
-    96 px, 4000 images, before         4237              875          0.21               0.45      1.34      0.33
-    96 px, 4000 images, after          4435             2011          0.45               0.43      0.91      0.47
-                    (another run)      4337             2076          0.48               0.44      0.86      0.51
-    224 px, 3000 images, after         1593             1061          0.67               1.23      1.76      0.70
-    384 px, 2000 images, after          616              477          0.77               3.19      4.03      0.79
-Before, the images were decoded, keyed and written to a work directory, read back to deduplicate and tokenize,
-and written again, in three Ray Data jobs whose image tasks ran one at a time on 2 CPUs. After, one pass decodes,
-tokenizes and writes each block (prepare_multimodal.write_block) and exact dedup edits the few parts that hold
-duplicates (multimodal_parts.py); that pass runs two tasks at a time (the pending records materialized first,
-Ray Data's per-operator CPU reservation off); tokenizing takes the resized arrays, not their PNGs decoded again;
-the image digest is SHA-256 (twice blake2b's speed here). Below 0.7 on small images: in one process
-(`write_block` on the 96-px corpus, CPU time) prepare costs 0.62 ms an image against the baseline's 0.40 (the
-extra: tokenizing 0.09, the Parquet writes 0.06, the digest, arrays and record dicts 0.06), a ceiling of 0.64;
-in Ray's workers the same blocks cost 0.85 ms an image (task, block and metadata handling, ~20 ms a task of 128
-images) and the driver 0.08. Decoding grows with the image and the rest does not, so the ratio rises with size.
-Training (`--steps 20`, load ~6): 16,382 tokens/s with images, 18,738 text only (ratio 0.87).
+Measured (2 cores; `--steps 0`, best of 3 rounds unless said):
+                                     decode images/s  prepare images/s  ratio   CPU ms/image decode  prepare  CPU ratio
+  session 10 (float pixel values in tokenized/), quiet machine, load ~1:
+    noise 96 px PNG, 4000                  4435             2011          0.45               0.43      0.91      0.47
+    noise 224 px PNG, 3000, 2 rounds       1593             1061          0.67               1.23      1.76      0.70
+    noise 384 px PNG, 2000, 2 rounds        616              477          0.77               3.19      4.03      0.79
+  session 11 (RGB bytes + map in tokenized/), shared machine, load 1.5-2, wall figures move +-20% run to run:
+    photos 640x480 JPEG, 1500               589              414          0.70               3.28      4.59      0.71
+                    (two more runs)                                       0.79, 0.94         3.61/4.03 4.50/4.37
+    noise 96 px PNG, 4000                  3470             1587          0.46               0.55      1.15      0.48
+                    (another run)          3162             1523          0.48               0.57      1.19      0.48
+    noise 224 px PNG, 3000, 2 rounds       1370              869          0.63               1.41      2.15      0.66
+    noise 384 px PNG, 2000, 2 rounds        578              487          0.84               3.34      3.89      0.86
+    noise 640 px JPEG, 1500, 2 rounds       259              233          0.90               7.40      8.05      0.92
+  Before and after session 11's change, taking turns (noise 96 px, 2 rounds each): 0.40 and 0.47 before, 0.47
+  and 0.56 after; CPU ms/image 1.20 and 1.18 before, 0.89 and 1.06 after.
+Session 10 made prepare one pass: each block is decoded, tokenized and written by one task
+(prepare_multimodal.write_block) and exact dedup edits the few parts that hold duplicates (multimodal_parts.py);
+that pass runs two tasks at a time (the pending records materialized first, Ray Data's per-operator CPU
+reservation off); tokenizing takes the resized arrays, not their PNGs decoded again; the image digest is SHA-256.
+Session 11 stores each tokenized image as its RGB bytes and the processor's per-channel map (applied per
+training batch), not float pixel values: a quarter of the bytes to build and write. Where the rest goes on
+96-px images, in one process (CPU time, a block of 128 images at a time): reading, decoding, resizing and the
+PNG, the baseline's work, 0.42 ms an image; tokenizing 0.085, the Parquet writes 0.06 (0.07 with float pixel
+values), the digest, keys, arrays and record dicts 0.05: a ceiling of 0.68 before any of Ray's costs. In Ray, each task costs its worker ~7 ms of CPU besides (0.05 ms an image), the driver's
+streaming executor 0.3-0.5 s of CPU a run, and reading the file (one task, while the other core waits) 0.2 s.
+That fixed work does not grow with the image and decoding does, so the ratio rises with the image's size: it
+passes 0.7 from about 250 pixels, and on photographs.
+Training (`--steps 20`, load ~6, session 10): 16,382 tokens/s with images, 18,738 text only (ratio 0.87).
 """
 
 from __future__ import annotations
@@ -54,16 +70,43 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-def write_corpus(directory: Path, images: int, size: int, image_format: str) -> Path:
+def noise_images(count: int, size: int, image_format: str):
+    """(image, file extension) x count: `size`-pixel squares of noise, which neither PNG nor JPEG compresses
+    much, so decoding costs the most a file of that size can: the case where prepare's own per-image work
+    weighs most against decoding."""
     from PIL import Image
 
+    rng = random.Random(0)
+    for _ in range(count):
+        yield Image.effect_noise((size, size), 40 + rng.random() * 20).convert("RGB"), image_format
+
+
+def photo_images(count: int):
+    """(image, "jpg") x count: 640x480 photographs, as COCO's (LLaVA-Instruct's images) are: crops of the two
+    photographs scikit-learn ships (427x640, no download), each of another region, scale and mirror, so no two
+    are the same bytes and exact dedup keeps every one."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(array) for array in load_sample_images().images]
+    rng = random.Random(0)
+    for i in range(count):
+        width = rng.randint(320, 560)
+        height = width * 3 // 4
+        x, y = rng.randint(0, 640 - width), rng.randint(0, 427 - height)
+        image = photos[i % 2].crop((x, y, x + width, y + height)).resize((640, 480), Image.Resampling.BICUBIC)
+        yield (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image), "jpg"
+
+
+def write_corpus(directory: Path, images) -> Path:
+    """Each (image, extension) of `images` as a file under directory/img (JPEG at quality 90), and a LLaVA JSON
+    corpus naming them."""
     (directory / "img").mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     records = []
-    for i in range(images):
-        image = Image.effect_noise((size, size), 40 + rng.random() * 20).convert("RGB")
-        name = f"img/{i}.{image_format}"
-        image.save(directory / name, **({"quality": 90} if image_format == "jpg" else {}))
+    for i, (image, extension) in enumerate(images):
+        name = f"img/{i}.{extension}"
+        image.save(directory / name, **({"quality": 90} if extension == "jpg" else {}))
         records.append({"image": name, "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is the shape?"},
             {"from": "gpt", "value": rng.choice(["red", "green", "blue", "yellow"])}]})
@@ -188,9 +231,12 @@ def training_tokens_per_second(model_dir: str, work: Path, steps: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=4000)
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--format", choices=["png", "jpg"], default="png", help="the corpus's image files")
+    parser.add_argument("--corpora", default="photos,noise",
+                        help="comma-separated: photos (640x480 JPEG photographs), noise (--size, --format)")
+    parser.add_argument("--photos", type=int, default=1500, help="images in the photos corpus")
+    parser.add_argument("--images", type=int, default=4000, help="images in the noise corpus")
+    parser.add_argument("--size", type=int, default=96, help="side of the noise corpus's images")
+    parser.add_argument("--format", choices=["png", "jpg"], default="png", help="the noise corpus's image files")
     parser.add_argument("--steps", type=int, default=20, help="training steps per side; 0 leaves training out")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of decode and of warm prepare (best)")
     parser.add_argument("--workdir", default="/tmp/instune-mm-bench")
@@ -201,24 +247,30 @@ def main() -> None:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     cores = os.cpu_count() or 1
-    corpus = write_corpus(work / "corpus", args.images, args.size, args.format)
     model_dir = str(ensure_embedded_vlm(work / "model", [p for ps in PROMPTS.values() for p in ps] * 10))
-    seconds = side_by_side(corpus, model_dir, work / "prepared", cores, args.rounds)
-    with_images, text_only = (training_tokens_per_second(model_dir, work, args.steps) if args.steps
-                              else (float("nan"), float("nan")))
-    rows = [("decode + check + resize alone (images/s)", args.images / seconds["decode"]),
-            ("prepare (images/s)", args.images / seconds["prepare"]),
-            ("ratio prepare / decode (target >= 0.7)", seconds["decode"] / seconds["prepare"]),
-            ("decode alone, CPU ms per image", 1000 * seconds["decode_cpu"] / args.images),
-            ("prepare, CPU ms per image", 1000 * seconds["prepare_cpu"] / args.images),
-            ("ratio of CPU per image, decode / prepare", seconds["decode_cpu"] / seconds["prepare_cpu"]),
-            ("start-up and warm-up, not counted (s)", seconds["warmup"]),
-            ("train tokens/s with images", with_images),
-            ("train tokens/s text only", text_only),
-            ("ratio with images / text only", with_images / text_only)]
-    print(f"{args.images} {args.format} images of {args.size}x{args.size} px, {cores} cores")
-    for name, value in rows:
-        print(f"{name:<45}{value:>12.2f}")
+    corpora = {"photos": (f"{args.photos} photographs, 640x480 JPEG", args.photos, lambda: photo_images(args.photos)),
+               "noise": (f"{args.images} noise images, {args.size}x{args.size} {args.format.upper()}", args.images,
+                         lambda: noise_images(args.images, args.size, args.format))}
+    for name in args.corpora.split(","):
+        title, count, images = corpora[name]
+        corpus = write_corpus(work / name, images())
+        seconds = side_by_side(corpus, model_dir, work / f"prepared-{name}", cores, args.rounds)
+        print(f"{title}, {cores} cores")
+        rows = [("decode + check + resize alone (images/s)", count / seconds["decode"]),
+                ("prepare (images/s)", count / seconds["prepare"]),
+                ("ratio prepare / decode (target >= 0.7)", seconds["decode"] / seconds["prepare"]),
+                ("decode alone, CPU ms per image", 1000 * seconds["decode_cpu"] / count),
+                ("prepare, CPU ms per image", 1000 * seconds["prepare_cpu"] / count),
+                ("ratio of CPU per image, decode / prepare", seconds["decode_cpu"] / seconds["prepare_cpu"]),
+                ("start-up and warm-up, not counted (s)", seconds["warmup"])]
+        for label, value in rows:
+            print(f"  {label:<45}{value:>12.2f}", flush=True)
+    if args.steps:
+        with_images, text_only = training_tokens_per_second(model_dir, work, args.steps)
+        print(f"training the embedded VLM (LoRA, {args.steps} steps a side)")
+        for label, value in [("train tokens/s with images", with_images), ("train tokens/s text only", text_only),
+                             ("ratio with images / text only", with_images / text_only)]:
+            print(f"  {label:<45}{value:>12.2f}")
 
 
 if __name__ == "__main__":
