@@ -10,17 +10,17 @@ against text only, on the same cores and the same model.
      and most image-text instruction sets use (photo_images: crops of scikit-learn's two bundled photographs);
    - noise: `--images` squares of `--size` pixels (`--format`), noise, so the files do not compress: at 96
      pixels, the case where prepare's own per-image work weighs most against decoding.
-   The baseline decodes, checks and resizes every file with Pillow (images.decode_image + resized_png, what
-   prepare does per image) in a process pool using every core. `prepare_multimodal` runs on a local Ray cluster
-   with as many CPUs (read, decode, resize, exact dedup, tokenize with the processor, write). Fixed start-up is
-   counted for neither side, as in bench/dedup_side_by_side.py: before the clock the pool's workers start and
-   decode a few files, and the Ray cluster starts and runs prepare on the corpus's first
-   2 x cores x IMAGE_BLOCK_ROWS records, so its workers have imported transformers and torch and loaded the
-   processor (that warm-up's seconds are printed, not counted). Then `--rounds` rounds, decode and prepare
+   The baseline decodes, checks and resizes every file with Pillow (images.decode_image + resized_png, what prepare
+   does per image) in a process pool using every core. `prepare_multimodal` runs on a local Ray cluster with as many
+   CPUs (read, decode, resize, exact dedup, tokenize with the model's chat template, the images as its image
+   processor takes them, write). Fixed start-up is counted for neither side, as in bench/dedup_side_by_side.py:
+   before the clock the pool's workers start and decode a few files, and the Ray cluster starts and runs prepare on
+   the corpus's first 2 x cores x IMAGE_BLOCK_ROWS records, so its workers have imported transformers and torch and
+   loaded the processor (that warm-up's seconds are printed, not counted). Then `--rounds` rounds, decode and prepare
    taking turns so that both see the same load; best of each. Ratio = prepare images/s / decode images/s. Also
-   printed: CPU milliseconds per image of each side (every process of this process tree while it runs), which
-   moves much less than wall time with the load of other jobs on a shared machine: the wall ratio approaches
-   the CPU ratio when every core is free.
+   printed: CPU milliseconds per image of each side (every process of this process tree while it runs), which moves
+   much less than wall time with the load of other jobs on a shared machine: the wall ratio approaches the CPU ratio
+   when every core is free.
 2. Trains the embedded VLM through the per-worker loop (one process, LoRA) for `--steps` steps on rows with
    one image each, and on the same rows with the image removed (text only, same prompts and answers), and
    prints tokens/s of both (every position computed, image tokens included) and their ratio. `--steps 0`
@@ -46,14 +46,14 @@ Session 10 made prepare one pass: each block is decoded, tokenized and written b
 (prepare_multimodal.write_block) and exact dedup edits the few parts that hold duplicates (multimodal_parts.py);
 that pass runs two tasks at a time (the pending records materialized first, Ray Data's per-operator CPU
 reservation off); tokenizing takes the resized arrays, not their PNGs decoded again; the image digest is SHA-256.
-Session 11 stores each tokenized image as its RGB bytes and the processor's per-channel map (applied per
-training batch), not float pixel values: a quarter of the bytes to build and write. Where the rest goes on
-96-px images, in one process (CPU time, a block of 128 images at a time): reading, decoding, resizing and the
-PNG, the baseline's work, 0.42 ms an image; tokenizing 0.085, the Parquet writes 0.06 (0.07 with float pixel
-values), the digest, keys, arrays and record dicts 0.05: a ceiling of 0.68 before any of Ray's costs. In Ray, each task costs its worker ~7 ms of CPU besides (0.05 ms an image), the driver's
-streaming executor 0.3-0.5 s of CPU a run, and reading the file (one task, while the other core waits) 0.2 s.
-That fixed work does not grow with the image and decoding does, so the ratio rises with the image's size: it
-passes 0.7 from about 250 pixels, and on photographs.
+Session 11 stores each tokenized image as its RGB bytes and the processor's per-channel map (applied per training
+batch), not float pixel values: a quarter of the bytes to build and write. Where the rest goes on 96-px images, in
+one process (CPU time, a block of 128 images at a time): reading, decoding, resizing and the PNG, the baseline's
+work, 0.42 ms an image; tokenizing 0.085, the Parquet writes 0.06 (0.07 with float pixel values), the digest, keys,
+arrays and record dicts 0.05: a ceiling of 0.68 before any of Ray's costs. In Ray, each task costs its worker ~7 ms
+of CPU besides (0.05 ms an image), the driver's streaming executor 0.3-0.5 s of CPU a run, and reading the file (one
+task, while the other core waits) 0.2 s. That fixed work does not grow with the image and decoding does, so the ratio
+rises with the image's size: it passes 0.7 between 224 pixels (0.63-0.67) and 384 (0.77-0.84), and on photographs.
 Training (`--steps 20`, load ~6, session 10): 16,382 tokens/s with images, 18,738 text only (ratio 0.87).
 """
 

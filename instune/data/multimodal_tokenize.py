@@ -20,7 +20,9 @@ from instune.data.tokenize import Encoded, TokenizeError, encode_conversations
 from instune.data.truncate import IGNORE_INDEX
 
 UNLIMITED = 1 << 30
+# Shared by the rows that store no pixels or no values (and a batch's pixel map by all its rows): read-only.
 EMPTY_PIXELS, EMPTY_VALUES = np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.float32)
+EMPTY_PIXELS.flags.writeable = EMPTY_VALUES.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,11 @@ class ImagePixels:
 
     @property
     def pixel_map(self) -> np.ndarray | None:
-        return None if self.scale is None else np.concatenate([self.scale, self.shift])
+        if self.scale is None:
+            return None
+        pixel_map = np.concatenate([self.scale, self.shift])
+        pixel_map.flags.writeable = False
+        return pixel_map
 
 
 def tokenize_multimodal(records: list[dict], processor, image: ImageTokens, max_length: int,

@@ -149,7 +149,9 @@ class FileSession:
         for start in range(0, full, batch_size):
             chunk = table.take(mine[start:start + batch_size])
             if "pixel_values" in columns:
-                yield collate_multimodal({k: chunk[k].to_pylist() for k in columns})
+                # Each row's lists as numpy arrays, as Ray Data's batches hold them: to_pylist made a Python
+                # number of every pixel (13.7 ms a 336-pixel image).
+                yield collate_multimodal({k: chunk[k].to_numpy(zero_copy_only=False) for k in columns})
                 continue
             yield {k: torch.tensor(chunk[k].to_numpy(), dtype=torch.float32) if k in REFERENCE_COLUMNS
                    else rows_tensor(chunk[k]) for k in columns}

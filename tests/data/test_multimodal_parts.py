@@ -23,7 +23,8 @@ def write(tmp_path, records, tokenized):
     """`records` written as one part as write_block writes it (`tokenized`: which went to tokenized/); its keys."""
     name = part_name([r["id"] for r in records])
     rows = [{"id": r["id"], "source": r["source"], "domain": "d", "metadata": "{}", "input_ids": [1], "labels": [1],
-             "pixel_values": [0.5], "image_shape": [1, 1, 1, 1]} for r, t in zip(records, tokenized) if t]
+             "pixels": [], "pixel_map": [], "pixel_values": [0.5], "image_shape": [1, 1, 1, 1]}
+            for r, t in zip(records, tokenized) if t]
     drops = [reject_for_record(r, "tokenize", "too long") for r, t in zip(records, tokenized) if not t]
     write_part(pa.Table.from_pylist(records, schema=MULTIMODAL_RECORD_SCHEMA), str(tmp_path / "filtered"), name)
     write_part(pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA), str(tmp_path / "tokenized"), name)
