@@ -54,7 +54,8 @@ arrays and record dicts 0.05: a ceiling of 0.68 before any of Ray's costs. In Ra
 of CPU besides (0.05 ms an image), the driver's streaming executor 0.3-0.5 s of CPU a run, and reading the file (one
 task, while the other core waits) 0.2 s. That fixed work does not grow with the image and decoding does, so the ratio
 rises with the image's size: it passes 0.7 between 224 pixels (0.63-0.67) and 384 (0.77-0.84), and on photographs.
-Training (`--steps 20`, load ~6, session 10): 16,382 tokens/s with images, 18,738 text only (ratio 0.87).
+Training (`--steps 20`): 13,758 tokens/s with images, 13,917 text only (ratio 0.99; `--corpora photos --rounds 2`,
+load ~1, session 11); 0.87 in session 10 (load ~6), when the batch made a Python number of every pixel.
 """
 
 from __future__ import annotations
