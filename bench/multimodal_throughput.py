@@ -242,6 +242,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of decode and of warm prepare (best)")
     parser.add_argument("--workdir", default="/tmp/instune-mm-bench")
     args = parser.parse_args()
+    unknown = set(args.corpora.split(",")) - {"photos", "noise"}
+    if unknown:
+        parser.error(f"--corpora: {', '.join(sorted(unknown))} is not photos or noise")
     from instune.default.image_tasks import PROMPTS
     from instune.default.vlm import ensure_embedded_vlm
 

@@ -27,8 +27,9 @@ def collate_multimodal(columns: dict) -> dict[str, torch.Tensor]:
     for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
         input_ids[row, :len(row_ids)] = row_ids
         padded_labels[row, :len(row_labels)] = row_labels
-    images = [pixel_values(*row) for row in zip(columns["pixels"], columns["pixel_map"], columns["pixel_values"],
-                                                columns["image_shape"]) if int(row[3][0])]
+    images = [pixel_values(pixels, pixel_map, values, shape) for pixels, pixel_map, values, shape
+              in zip(columns["pixels"], columns["pixel_map"], columns["pixel_values"], columns["image_shape"])
+              if int(shape[0])]
     batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(padded_labels),
              "position_ids": torch.arange(length).expand(len(ids), length).clone()}
     if images:
